@@ -1,0 +1,61 @@
+"""An application message as the broker routes it.
+
+One ``Message`` is built per accepted PUBLISH and shared by every delivery of
+it (local subscribers, queues, forwarded copies), so nothing here is specific to
+a subscriber: per-delivery QoS, retain flag, packet id and subscription ids live
+in the session. ``props`` holds only the properties that travel with the
+message (user properties, content type, payload format, response topic,
+correlation data); topic alias and subscription ids are per-hop and the message
+expiry is kept as an absolute deadline so the forwarded interval can shrink.
+"""
+
+from __future__ import annotations
+
+import math
+
+from shards.protocol.packets import Prop, Properties
+
+# Properties of an incoming PUBLISH that are per-hop, not part of the message.
+_HOP_PROPS = (Prop.TOPIC_ALIAS, Prop.SUBSCRIPTION_IDENTIFIER, Prop.MESSAGE_EXPIRY_INTERVAL)
+
+
+class Message:
+    __slots__ = ("topic", "payload", "qos", "retain", "props", "expires_at", "origin", "created",
+                 "_encoded")
+
+    def __init__(self, topic: str, payload: bytes, qos: int, retain: bool, props: Properties | None,
+                 expires_at: float | None, origin: str, created: float) -> None:
+        self.topic = topic
+        self.payload = payload
+        self.qos = qos
+        self.retain = retain
+        self.props: Properties | None = props or None
+        self.expires_at = expires_at
+        self.origin = origin  # publishing client id, for no-local
+        self.created = created
+        # encode cache, keyed by (version, qos, retain): filled by the connection
+        self._encoded: dict[tuple[int, int, bool], tuple[bytes, bytes]] | None = None
+
+    @classmethod
+    def from_publish(cls, topic: str, payload: bytes, qos: int, retain: bool, props: Properties,
+                     origin: str, now: float) -> Message:
+        expires_at = None
+        if props:
+            expiry = props.get(Prop.MESSAGE_EXPIRY_INTERVAL)
+            if expiry is not None:
+                expires_at = now + expiry
+            if any(k in props for k in _HOP_PROPS):
+                props = {k: v for k, v in props.items() if k not in _HOP_PROPS}
+        return cls(topic, payload, qos, retain, props, expires_at, origin, now)
+
+    def expired(self, now: float) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
+
+    def remaining_expiry(self, now: float) -> int | None:
+        """The Message Expiry Interval to forward: received value minus time waited."""
+        if self.expires_at is None:
+            return None
+        return max(1, math.ceil(self.expires_at - now))
+
+    def __repr__(self) -> str:
+        return f"Message({self.topic!r}, {self.payload[:32]!r}, qos={self.qos}, retain={self.retain})"

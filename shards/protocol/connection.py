@@ -1,0 +1,270 @@
+"""One MQTT network connection as a sans-IO state machine.
+
+Bytes go in with :meth:`MQTTConnection.receive_data`, packets come out of
+:meth:`next_packet`, bytes to write come out of :meth:`data_to_send`, and time
+is passed in (``now``), so keepalive is tested as ``handle_timer(t0 + 1.5 * k)``.
+
+The connection owns what the specification scopes to a network connection:
+framing and the packet-size limit, protocol version, "CONNECT first and only
+once", topic aliases in both directions, the inbound receive maximum, the
+client's maximum packet size for what we send, and keepalive. What outlives a
+connection (subscriptions, inflight messages, packet ids) is the session's.
+
+States::
+
+    AWAIT_CONNECT --CONNECT--> CONNECTING --accept()--> CONNECTED
+          |                        |  refuse()              |  fail()/disconnect()
+          +------------------------+------------------------+-----> CLOSED
+
+While CONNECTING, frames after the CONNECT stay buffered: the shard may need
+time (a takeover from another shard) before it accepts or refuses.
+
+Every protocol violation is a :class:`ProtocolError`; :meth:`fail` is the one
+place that turns it into a CONNACK (before the session exists) or a DISCONNECT
+(after; MQTT 5 only) and closes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shards.protocol.codec import decode, encode, encode_publish
+from shards.protocol.errors import ProtocolError, Reason
+from shards.protocol.packets import (
+    AUTH, CONNACK, CONNECT, DISCONNECT, MQTT_5, PINGRESP, PUBACK, PUBCOMP, PUBLISH, PUBREC,
+    SUBACK, UNSUBACK, Connack, Connect, Disconnect, Packet, Prop, Properties, Publish,
+)
+from shards.protocol.reader import FrameReader
+
+AWAIT_CONNECT = 0
+CONNECTING = 1
+CONNECTED = 2
+CLOSED = 3
+
+# Packets only a server sends; a client sending one is a protocol error.
+_SERVER_ONLY = frozenset({CONNACK, SUBACK, UNSUBACK, PINGRESP})
+# With Request Problem Information = 0 these packets must not carry a reason
+# string or user properties [MQTT-3.1.2-29].
+_PROBLEM_INFO_EXEMPT = frozenset({CONNACK, PUBLISH, DISCONNECT})
+_NO_PROPS: Properties = {}
+MQTT_MAX_PACKET = 268435460  # 1 + 4 + 268435455
+
+
+class MQTTConnection:
+    __slots__ = (
+        "state", "version", "keepalive", "last_rx", "connect_deadline", "reader", "_out",
+        "receive_maximum", "_pending_in", "topic_alias_maximum", "_alias_in",
+        "client_max_packet", "client_alias_max", "_alias_out", "problem_info", "client_id",
+    )
+
+    def __init__(self, now: float, *, max_packet_size: int = MQTT_MAX_PACKET,
+                 connect_timeout: float = 10.0, receive_maximum: int = 65535,
+                 topic_alias_maximum: int = 0) -> None:
+        self.state = AWAIT_CONNECT
+        self.version = 0
+        self.keepalive = 0
+        self.last_rx = now
+        self.connect_deadline = now + connect_timeout
+        self.reader = FrameReader(max_packet_size)
+        self._out: list[bytes] = []
+        self.receive_maximum = receive_maximum  # what we allow the client
+        self._pending_in: set[int] = set()
+        self.topic_alias_maximum = topic_alias_maximum  # what we allow the client
+        self._alias_in: dict[int, str] = {}
+        self.client_max_packet = MQTT_MAX_PACKET  # what the client allows us
+        self.client_alias_max = 0
+        self._alias_out: dict[str, int] = {}
+        self.problem_info = True
+        self.client_id = ""
+
+    # -- input -------------------------------------------------------------
+
+    def receive_data(self, data: bytes, now: float) -> None:
+        if self.state == CLOSED:
+            return
+        self.last_rx = now
+        self.reader.feed(data)
+
+    def next_packet(self) -> Packet | None:
+        """The next complete packet, or None. Raises ProtocolError."""
+        state = self.state
+        if state == CONNECTING or state == CLOSED:
+            return None
+        frame = self.reader.next_frame()
+        if frame is None:
+            return None
+        first, body = frame
+        packet = decode(first, body, self.version)
+        ptype = packet.type
+        if state == AWAIT_CONNECT:
+            if ptype != CONNECT:
+                raise ProtocolError(Reason.PROTOCOL_ERROR, "the first packet must be CONNECT")
+            self._on_connect(packet)  # type: ignore[arg-type]
+            return packet
+        if ptype == PUBLISH:
+            self._on_publish(packet)  # type: ignore[arg-type]
+        elif ptype == CONNECT:
+            raise ProtocolError(Reason.PROTOCOL_ERROR, "second CONNECT")
+        elif ptype in _SERVER_ONLY:
+            raise ProtocolError(Reason.PROTOCOL_ERROR, "a client may not send this packet type")
+        elif ptype == AUTH and self.version != MQTT_5:
+            raise ProtocolError(Reason.MALFORMED_PACKET, "AUTH before MQTT 5")
+        return packet
+
+    def _on_connect(self, packet: Connect) -> None:
+        self.version = packet.protocol_level
+        self.state = CONNECTING
+        self.client_id = packet.client_id
+        props = packet.props
+        if props:
+            self.client_max_packet = props.get(Prop.MAXIMUM_PACKET_SIZE, MQTT_MAX_PACKET)
+            self.client_alias_max = props.get(Prop.TOPIC_ALIAS_MAXIMUM, 0)
+            self.problem_info = props.get(Prop.REQUEST_PROBLEM_INFORMATION, 1) == 1
+
+    def _on_publish(self, packet: Publish) -> None:
+        props = packet.props
+        if props:
+            alias = props.get(Prop.TOPIC_ALIAS)
+            if alias is not None:
+                if alias == 0 or alias > self.topic_alias_maximum:
+                    raise ProtocolError(Reason.TOPIC_ALIAS_INVALID,
+                                        f"topic alias {alias} outside 1..{self.topic_alias_maximum}")
+                if packet.topic:
+                    self._alias_in[alias] = packet.topic
+                else:
+                    topic = self._alias_in.get(alias)
+                    if topic is None:
+                        raise ProtocolError(Reason.PROTOCOL_ERROR, f"unknown topic alias {alias}")
+                    packet.topic = topic
+        if packet.qos:
+            pid = packet.packet_id
+            pending = self._pending_in
+            if pid not in pending:
+                if len(pending) >= self.receive_maximum:
+                    raise ProtocolError(Reason.RECEIVE_MAXIMUM_EXCEEDED,
+                                        f"more than {self.receive_maximum} QoS>0 publishes unacknowledged")
+                pending.add(pid)
+
+    # -- session establishment -----------------------------------------------
+
+    def accept(self, connack: Connack, keepalive: int) -> None:
+        self.keepalive = keepalive
+        self.state = CONNECTED
+        self._write(encode(connack, self.version))
+
+    def refuse(self, reason: int, message: str = "") -> None:
+        """Answer the CONNECT with a failing CONNACK and close."""
+        props: Properties = {}
+        if message and self.version == MQTT_5:
+            props[Prop.REASON_STRING] = message
+        self._write(encode(Connack(False, reason, props), self.version))
+        self.state = CLOSED
+
+    # -- output ----------------------------------------------------------------
+
+    def send(self, packet: Packet) -> None:
+        if self.state == CLOSED:
+            return
+        ptype = packet.type
+        if ptype == PUBACK or ptype == PUBCOMP or (ptype == PUBREC and packet.reason_code >= 0x80):  # type: ignore[attr-defined]
+            self._pending_in.discard(packet.packet_id)  # type: ignore[attr-defined]
+        props = getattr(packet, "props", None)
+        if props and not self.problem_info and ptype not in _PROBLEM_INFO_EXEMPT:
+            packet.props = {k: v for k, v in props.items()  # type: ignore[attr-defined]
+                            if k != Prop.REASON_STRING and k != Prop.USER_PROPERTY}
+        data = encode(packet, self.version)
+        if len(data) > self.client_max_packet:
+            # [MQTT-3.1.2-24]: never send more than the client accepts; an ack with
+            # properties shrinks to its bare form rather than vanish
+            if props:
+                packet.props = {}  # type: ignore[attr-defined]
+                data = encode(packet, self.version)
+            if len(data) > self.client_max_packet:
+                return
+        self._write(data)
+
+    def send_publish(self, topic: str, payload: bytes, qos: int, retain: bool, packet_id: int,
+                     props: Properties | None, dup: bool = False) -> bool:
+        """Encode one delivery. False if it exceeds the client's maximum packet size
+        (then it is dropped as if sent [MQTT-3.1.2-25])."""
+        if self.state != CONNECTED:
+            return False
+        version = self.version
+        if version != MQTT_5:
+            data = encode_publish(topic, payload, qos, retain, dup, packet_id, None, version)
+        elif not self.client_alias_max:
+            data = encode_publish(topic, payload, qos, retain, dup, packet_id, props, version)
+        else:
+            extra: dict[int, Any] = dict(props) if props else {}
+            alias = self._alias_out.get(topic)
+            if alias is not None:
+                extra[Prop.TOPIC_ALIAS] = alias
+                data = encode_publish("", payload, qos, retain, dup, packet_id, extra, version)
+            elif len(self._alias_out) < self.client_alias_max:
+                # a new alias counts only once the packet that announces it is sent
+                alias = len(self._alias_out) + 1
+                extra[Prop.TOPIC_ALIAS] = alias
+                data = encode_publish(topic, payload, qos, retain, dup, packet_id, extra, version)
+                if len(data) <= self.client_max_packet:
+                    self._alias_out[topic] = alias
+            else:
+                data = encode_publish(topic, payload, qos, retain, dup, packet_id, props, version)
+        if len(data) > self.client_max_packet:
+            return False
+        self._write(data)
+        return True
+
+    def fail(self, err: ProtocolError) -> None:
+        """The one mapping of a protocol error to what the peer is told, then close."""
+        state = self.state
+        if state == CLOSED:
+            return
+        if state == AWAIT_CONNECT:
+            if err.reason == Reason.UNSUPPORTED_PROTOCOL_VERSION:
+                # [MQTT-3.1.2-2]: answer an unknown level with the 3.1.1 CONNACK code 1
+                self._write(b"\x20\x02\x00\x01")
+        elif state == CONNECTING:
+            self.refuse(err.reason, err.message)
+        elif self.version == MQTT_5:
+            props = {Prop.REASON_STRING: err.message} if self.problem_info and err.message else {}
+            self._write(encode(Disconnect(err.reason, props), MQTT_5))
+        self.state = CLOSED
+
+    def disconnect(self, reason: int, props: Properties | None = None) -> None:
+        """A server-initiated close: MQTT 5 clients are told why; v3 has no DISCONNECT from the server."""
+        if self.state == CLOSED:
+            return
+        if self.version == MQTT_5 and self.state == CONNECTED:
+            self._write(encode(Disconnect(reason, props or {}), MQTT_5))
+        self.state = CLOSED
+
+    def _write(self, data: bytes) -> None:
+        self._out.append(data)
+
+    def has_output(self) -> bool:
+        return bool(self._out)
+
+    def data_to_send(self) -> bytes:
+        out = self._out
+        if not out:
+            return b""
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        return data
+
+    # -- time ------------------------------------------------------------------
+
+    def handle_timer(self, now: float) -> int | None:
+        """The reason to close this connection now, if its time is up."""
+        state = self.state
+        if state == AWAIT_CONNECT or state == CONNECTING:
+            if now >= self.connect_deadline:
+                return Reason.MAXIMUM_CONNECT_TIME
+            return None
+        if state == CONNECTED and self.keepalive and now - self.last_rx > 1.5 * self.keepalive:
+            return Reason.KEEP_ALIVE_TIMEOUT
+        return None
+
+    @property
+    def closed(self) -> bool:
+        return self.state == CLOSED

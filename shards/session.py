@@ -1,0 +1,244 @@
+"""A client's session: what outlives one network connection.
+
+Subscriptions, outbound QoS 1/2 messages in flight (with their packet ids), the
+queue of messages waiting for a connection or for flow-control credit, inbound
+QoS 2 packet ids awaiting PUBREL, the will and the expiry. Pure logic: it writes
+packets through ``link.conn`` (the sans-IO connection) and asks the link to
+flush with ``link.wake()``; it never touches a socket or a clock.
+
+Flow control: at most ``send_quota`` QoS>0 deliveries are unacknowledged
+(the client's Receive Maximum, capped by ``max_inflight``). Further QoS>0
+deliveries wait in ``queue``, bounded by ``max_queued_messages``; when the queue
+is full the new message is dropped and counted, so a stalled client costs a
+bounded amount of memory.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING, Protocol
+
+from shards.message import Message
+from shards.protocol.packets import MQTT_5, Prop, Properties, Pubrel, Will
+
+if TYPE_CHECKING:
+    from shards.config import MQTTConfig
+    from shards.protocol.connection import MQTTConnection
+    from shards.subs import Subscription
+
+
+class Link(Protocol):
+    """What the I/O layer gives the shard for one connection."""
+
+    conn: MQTTConnection
+    session: Session | None
+    congested: bool
+    peer: str
+    disconnected_cleanly: bool
+
+    def wake(self) -> None:
+        """Output is pending: flush it once this loop turn ends."""
+
+    def close(self) -> None:
+        """Flush what is pending, then close the transport."""
+
+
+class Counters:
+    """Shard-wide message counters ($SYS and metrics)."""
+
+    __slots__ = ("received", "sent", "dropped", "publish_received", "publish_sent", "expired")
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.sent = 0
+        self.dropped = 0
+        self.publish_received = 0
+        self.publish_sent = 0
+        self.expired = 0
+
+
+class Inflight:
+    __slots__ = ("msg", "qos", "retain", "sub_ids", "released")
+
+    def __init__(self, msg: Message, qos: int, retain: bool, sub_ids: tuple[int, ...]) -> None:
+        self.msg = msg
+        self.qos = qos
+        self.retain = retain
+        self.sub_ids = sub_ids
+        self.released = False  # QoS 2: PUBREC received, PUBREL sent, awaiting PUBCOMP
+
+
+Queued = tuple[Message, int, bool, tuple[int, ...]]
+
+
+class Session:
+    __slots__ = (
+        "client_id", "version", "link", "subscriptions", "inflight", "queue", "next_pid",
+        "inbound_qos2", "send_quota", "expiry_interval", "expires_at", "will", "will_at", "cfg",
+        "counters", "created",
+    )
+
+    def __init__(self, client_id: str, cfg: MQTTConfig, counters: Counters, now: float) -> None:
+        self.client_id = client_id
+        self.cfg = cfg
+        self.counters = counters
+        self.version = 4
+        self.link: Link | None = None
+        self.subscriptions: dict[str, Subscription] = {}  # keyed by the filter as subscribed
+        self.inflight: dict[int, Inflight] = {}
+        self.queue: deque[Queued] = deque()
+        self.next_pid = 1
+        self.inbound_qos2: set[int] = set()
+        self.send_quota = cfg.max_inflight
+        self.expiry_interval = 0
+        self.expires_at: float | None = None
+        self.will: Will | None = None
+        self.will_at: float | None = None
+        self.created = now
+
+    @property
+    def online(self) -> bool:
+        return self.link is not None
+
+    # -- delivery ----------------------------------------------------------------
+
+    def deliver(self, msg: Message, qos: int, retain: bool, sub_ids: tuple[int, ...], now: float) -> None:
+        link = self.link
+        if link is None:
+            self._enqueue(msg, qos, retain, sub_ids)
+            return
+        if qos == 0:
+            if link.congested:
+                self.counters.dropped += 1
+                return
+            if link.conn.send_publish(msg.topic, msg.payload, 0, retain, 0,
+                                      self._props(msg, sub_ids, now)):
+                self.counters.publish_sent += 1
+            else:
+                self.counters.dropped += 1
+            link.wake()
+            return
+        if self.queue or len(self.inflight) >= self.send_quota:
+            self._enqueue(msg, qos, retain, sub_ids)
+            return
+        self._send_new(link, msg, qos, retain, sub_ids, now)
+        link.wake()
+
+    def _enqueue(self, msg: Message, qos: int, retain: bool, sub_ids: tuple[int, ...]) -> None:
+        if qos == 0 and not self.cfg.queue_qos0:
+            self.counters.dropped += 1
+            return
+        if len(self.queue) >= self.cfg.max_queued_messages:
+            self.counters.dropped += 1
+            return
+        self.queue.append((msg, qos, retain, sub_ids))
+
+    def _send_new(self, link: Link, msg: Message, qos: int, retain: bool, sub_ids: tuple[int, ...],
+                  now: float) -> None:
+        pid = self._allocate_pid()
+        if link.conn.send_publish(msg.topic, msg.payload, qos, retain, pid,
+                                  self._props(msg, sub_ids, now)):
+            self.inflight[pid] = Inflight(msg, qos, retain, sub_ids)
+            self.counters.publish_sent += 1
+        else:
+            # too large for this client: dropped as if delivered [MQTT-3.1.2-25]
+            self.counters.dropped += 1
+
+    def _allocate_pid(self) -> int:
+        pid = self.next_pid
+        inflight = self.inflight
+        while pid in inflight:
+            pid = pid + 1 if pid < 65535 else 1
+        self.next_pid = pid + 1 if pid < 65535 else 1
+        return pid
+
+    def _props(self, msg: Message, sub_ids: tuple[int, ...], now: float) -> Properties | None:
+        if self.version != MQTT_5:
+            return None
+        props = msg.props
+        if not sub_ids and msg.expires_at is None:
+            return props
+        out: Properties = dict(props) if props else {}
+        if sub_ids:
+            out[Prop.SUBSCRIPTION_IDENTIFIER] = list(sub_ids)
+        remaining = msg.remaining_expiry(now)
+        if remaining is not None:
+            out[Prop.MESSAGE_EXPIRY_INTERVAL] = remaining
+        return out
+
+    def drain(self, now: float) -> None:
+        """Send queued messages while there is flow-control credit."""
+        link = self.link
+        if link is None:
+            return
+        queue = self.queue
+        sent = False
+        while queue and len(self.inflight) < self.send_quota:
+            msg, qos, retain, sub_ids = queue.popleft()
+            if msg.expired(now):
+                self.counters.expired += 1
+                continue
+            if qos == 0:
+                if link.conn.send_publish(msg.topic, msg.payload, 0, retain, 0,
+                                          self._props(msg, sub_ids, now)):
+                    self.counters.publish_sent += 1
+            else:
+                self._send_new(link, msg, qos, retain, sub_ids, now)
+            sent = True
+        # QoS 0 messages queued behind exhausted credit need no credit themselves
+        while queue and queue[0][1] == 0:
+            msg, qos, retain, sub_ids = queue.popleft()
+            if not msg.expired(now) and link.conn.send_publish(
+                    msg.topic, msg.payload, 0, retain, 0, self._props(msg, sub_ids, now)):
+                self.counters.publish_sent += 1
+            sent = True
+        if sent:
+            link.wake()
+
+    def resume(self, now: float) -> None:
+        """After CONNACK on a resumed session: re-send in-flight messages, then the queue.
+
+        Unacknowledged PUBLISHes go again with DUP=1 and their packet ids; a QoS 2
+        message whose PUBREC arrived gets its PUBREL again [MQTT-4.4.0-1].
+        """
+        link = self.link
+        if link is None:
+            return
+        conn = link.conn
+        for pid, item in list(self.inflight.items()):
+            if item.released:
+                conn.send(Pubrel(pid))
+                continue
+            if item.msg.expired(now):
+                del self.inflight[pid]
+                self.counters.expired += 1
+                continue
+            if not conn.send_publish(item.msg.topic, item.msg.payload, item.qos, item.retain, pid,
+                                     self._props(item.msg, item.sub_ids, now), dup=True):
+                del self.inflight[pid]
+        self.drain(now)
+        link.wake()
+
+    # -- acknowledgements ---------------------------------------------------------
+
+    def acked(self, pid: int, now: float) -> bool:
+        """PUBACK, or PUBCOMP; also PUBREC with an error code. Frees credit."""
+        if self.inflight.pop(pid, None) is None:
+            return False
+        if self.queue:
+            self.drain(now)
+        return True
+
+    def received(self, pid: int) -> bool:
+        """PUBREC (success): the QoS 2 message moves to awaiting PUBCOMP."""
+        item = self.inflight.get(pid)
+        if item is None or item.qos != 2:
+            return False
+        item.released = True
+        return True
+
+    def reset_for_clean_start(self) -> None:
+        self.inflight.clear()
+        self.queue.clear()
+        self.inbound_qos2.clear()
+        self.next_pid = 1

@@ -1,0 +1,529 @@
+"""A shard: the sessions of its connections, their subscriptions, the retained store.
+
+The shard turns protocol events into effects and does no I/O of its own: it is
+fed decoded packets by the worker (``handle``), told when a connection is lost
+(``connection_lost``) and when time passes (``tick``); it answers by writing
+packets through each link's sans-IO connection and by calling ``forward`` for
+messages that other shards must see (a no-op on a one-shard broker).
+
+Semantics follow MQTT 5.0 and 3.1.1; section numbers in comments point at the
+normative statement a branch implements.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import time
+from collections.abc import Callable
+
+from shards.config import MQTTConfig
+from shards.message import Message
+from shards.protocol.errors import ProtocolError, Reason
+from shards.protocol.packets import (
+    AUTH, DISCONNECT, MQTT_5, MQTT_31, PINGREQ, PUBACK, PUBCOMP, PUBLISH, PUBREC, PUBREL,
+    SUBSCRIBE, UNSUBSCRIBE, Connack, Connect, Disconnect, Packet, Pingresp, Prop, Properties,
+    Puback, Pubcomp, Publish, Pubrec, Pubrel, SubOptions, Suback, Subscribe, Unsuback,
+    Unsubscribe,
+)
+from shards.protocol.topics import parse_shared, validate_topic_filter, validate_topic_name
+from shards.retain import RetainedStore
+from shards.session import Counters, Link, Session
+from shards.subs import Subscription, SubscriptionTrie
+
+log = logging.getLogger("shoal.shard")
+
+VERSION = "0.1.0"
+_EXPIRE = 0
+_WILL = 1
+
+
+class Shard:
+    def __init__(self, cfg: MQTTConfig, index: int = 0, now: float = 0.0) -> None:
+        self.cfg = cfg
+        self.index = index
+        self.sessions: dict[str, Session] = {}
+        self.trie = SubscriptionTrie()
+        self.retained = RetainedStore(cfg.max_retained_messages)
+        self.counters = Counters()
+        self.started = now
+        self.wall_started = time.time()
+        self.connected = 0
+        self.max_connected = 0
+        self._timers: list[tuple[float, int, int, str]] = []
+        self._seq = itertools.count()
+        self._next_sys = now + cfg.sys_interval if cfg.sys_interval > 0 else None
+        self._bytes = (0, 0)
+        # Messages that must reach other shards; replaced by the worker on a
+        # multi-shard host. Returns how many destinations it reached.
+        self.forward: Callable[[Message], int] = lambda msg: 0
+
+    # -- dispatch -------------------------------------------------------------------
+
+    def handle(self, link: Link, packet: Packet, now: float) -> None:
+        """One decoded packet from ``link``. Raises ProtocolError for a violation."""
+        ptype = packet.type
+        if ptype == PUBLISH:
+            self._publish(link, packet, now)  # type: ignore[arg-type]
+        elif ptype == PUBACK or ptype == PUBCOMP:
+            session = link.session
+            if session is not None:
+                session.acked(packet.packet_id, now)  # type: ignore[attr-defined]
+        elif ptype == PUBREC:
+            self._pubrec(link, packet, now)  # type: ignore[arg-type]
+        elif ptype == PUBREL:
+            self._pubrel(link, packet)  # type: ignore[arg-type]
+        elif ptype == SUBSCRIBE:
+            self._subscribe(link, packet, now)  # type: ignore[arg-type]
+        elif ptype == UNSUBSCRIBE:
+            self._unsubscribe(link, packet)  # type: ignore[arg-type]
+        elif ptype == PINGREQ:
+            link.conn.send(Pingresp())
+            link.wake()
+        elif ptype == DISCONNECT:
+            self._disconnect(link, packet)  # type: ignore[arg-type]
+        elif ptype == AUTH:
+            # Enhanced authentication is not offered, so a client may not send AUTH [MQTT-4.12.0-1]
+            raise ProtocolError(Reason.PROTOCOL_ERROR, "AUTH without an authentication method")
+        else:
+            self.connect(link, packet, now)  # type: ignore[arg-type]
+
+    # -- CONNECT ------------------------------------------------------------------------
+
+    def connect(self, link: Link, p: Connect, now: float) -> None:
+        cfg = self.cfg
+        conn = link.conn
+        v5 = p.protocol_level == MQTT_5
+        refusal = self._check_connect(p)
+        if refusal is not None:
+            reason, why = refusal
+            log.info("refused CONNECT from %s (%r): %s", link.peer, p.client_id, why)
+            conn.refuse(reason, why)
+            link.close()
+            return
+        client_id = p.client_id
+        assigned = None
+        if not client_id:
+            client_id = assigned = self._assign_client_id()
+
+        keepalive = p.keepalive
+        if cfg.server_keep_alive:
+            keepalive = cfg.server_keep_alive
+        elif keepalive > cfg.max_keepalive:
+            keepalive = cfg.max_keepalive
+        if v5:
+            expiry = min(p.props.get(Prop.SESSION_EXPIRY_INTERVAL, 0), cfg.max_session_expiry_interval)
+        else:
+            expiry = 0 if p.clean_start else cfg.max_session_expiry_interval
+
+        session = self.sessions.get(client_id)
+        if session is not None and session.link is not None:
+            self._take_over(session, now)
+            session = self.sessions.get(client_id)  # gone if it had no expiry
+        if session is not None and p.clean_start:
+            self._end_session(session, now)
+            session = None
+        session_present = session is not None
+        if session is None:
+            session = Session(client_id, cfg, self.counters, now)
+            self.sessions[client_id] = session
+        else:
+            # a new connection to the session before the will delay ran out [MQTT-3.1.3-9]
+            session.will_at = None
+            session.expires_at = None
+        session.version = p.protocol_level
+        session.will = p.will
+        session.expiry_interval = expiry
+        client_receive_max = p.props.get(Prop.RECEIVE_MAXIMUM, 65535) if v5 else 65535
+        session.send_quota = min(client_receive_max, cfg.max_inflight)
+        session.link = link
+        link.session = session
+
+        props: Properties = {}
+        if v5:
+            props = self._connack_props(p, expiry, keepalive, assigned, client_id)
+        conn.accept(Connack(session_present, Reason.SUCCESS, props), keepalive)
+        self.connected += 1
+        self.max_connected = max(self.max_connected, self.connected)
+        if session_present:
+            session.resume(now)
+        link.wake()
+
+    def _check_connect(self, p: Connect) -> tuple[int, str] | None:
+        cfg = self.cfg
+        v5 = p.protocol_level == MQTT_5
+        cid = p.client_id
+        if not cid:
+            if p.protocol_level == MQTT_31:
+                return Reason.CLIENT_IDENTIFIER_NOT_VALID, "MQTT 3.1 requires a client identifier"
+            if not p.clean_start and not v5:
+                # [MQTT-3.1.3-8]
+                return Reason.CLIENT_IDENTIFIER_NOT_VALID, "empty client id needs clean session"
+            if not cfg.allow_zero_length_clientid:
+                return Reason.CLIENT_IDENTIFIER_NOT_VALID, "empty client identifiers are not allowed"
+        elif len(cid) > cfg.max_client_id_length:
+            return Reason.CLIENT_IDENTIFIER_NOT_VALID, "client identifier too long"
+        if Prop.AUTHENTICATION_METHOD in p.props:
+            return Reason.BAD_AUTHENTICATION_METHOD, "enhanced authentication is not supported"
+        if not cfg.allow_anonymous:
+            # no credential store yet: without anonymous access nobody gets in
+            if p.username is None:
+                return Reason.NOT_AUTHORIZED, "anonymous access is disabled"
+            return Reason.BAD_USER_NAME_OR_PASSWORD, "no user store is configured"
+        will = p.will
+        if will is not None:
+            try:
+                validate_topic_name(will.topic, cfg.max_topic_levels)
+            except ProtocolError as err:
+                return Reason.TOPIC_NAME_INVALID, err.message
+            if will.topic.startswith("$SYS"):
+                return Reason.NOT_AUTHORIZED, "clients may not publish to $SYS"
+            if will.qos > cfg.maximum_qos:
+                return Reason.QOS_NOT_SUPPORTED, f"will QoS above {cfg.maximum_qos}"
+            if will.retain and not cfg.retain_available:
+                return Reason.RETAIN_NOT_SUPPORTED, "retained messages are not available"
+            if will.props.get(Prop.PAYLOAD_FORMAT_INDICATOR) == 1 and not _is_utf8(will.payload):
+                return Reason.PAYLOAD_FORMAT_INVALID, "will payload is not UTF-8"
+        return None
+
+    def _connack_props(self, p: Connect, expiry: int, keepalive: int, assigned: str | None,
+                       client_id: str) -> Properties:
+        cfg = self.cfg
+        props: Properties = {
+            Prop.RECEIVE_MAXIMUM: cfg.receive_maximum,
+            Prop.MAXIMUM_PACKET_SIZE: cfg.max_packet_size,
+            Prop.TOPIC_ALIAS_MAXIMUM: cfg.topic_alias_maximum,
+            Prop.RETAIN_AVAILABLE: int(cfg.retain_available),
+            Prop.WILDCARD_SUBSCRIPTION_AVAILABLE: int(cfg.wildcard_subscription_available),
+            Prop.SUBSCRIPTION_IDENTIFIER_AVAILABLE: int(cfg.subscription_identifier_available),
+            Prop.SHARED_SUBSCRIPTION_AVAILABLE: int(cfg.shared_subscription_available),
+        }
+        if cfg.maximum_qos < 2:
+            props[Prop.MAXIMUM_QOS] = cfg.maximum_qos
+        if expiry != p.props.get(Prop.SESSION_EXPIRY_INTERVAL, 0):
+            props[Prop.SESSION_EXPIRY_INTERVAL] = expiry  # [MQTT-3.2.2-9]
+        if keepalive != p.keepalive:
+            props[Prop.SERVER_KEEP_ALIVE] = keepalive  # [MQTT-3.2.2-21]
+        if assigned is not None:
+            props[Prop.ASSIGNED_CLIENT_IDENTIFIER] = assigned
+        if p.props.get(Prop.REQUEST_RESPONSE_INFORMATION) == 1:
+            props[Prop.RESPONSE_INFORMATION] = f"shoal/response/{client_id}"
+        return props
+
+    def _assign_client_id(self) -> str:
+        while True:
+            cid = f"shoal-{self.index}-{os.urandom(8).hex()}"
+            if cid not in self.sessions:
+                return cid
+
+    def _take_over(self, session: Session, now: float) -> None:
+        """A new connection claims a connected session: the old one is told and closed."""
+        old = session.link
+        assert old is not None
+        log.info("session %r taken over (was %s)", session.client_id, old.peer)
+        old.conn.disconnect(Reason.SESSION_TAKEN_OVER)
+        old.close()
+        self._detach(session, old, now)
+
+    # -- connection loss, will, session expiry ----------------------------------------------
+
+    def connection_lost(self, link: Link, now: float) -> None:
+        session = link.session
+        if session is None or session.link is not link:
+            return
+        self._detach(session, link, now)
+
+    def _detach(self, session: Session, link: Link, now: float) -> None:
+        session.link = None
+        link.session = None
+        self.connected -= 1
+        if link.disconnected_cleanly:
+            session.will = None
+        if session.expiry_interval == 0:
+            self._end_session(session, now)
+            return
+        session.expires_at = now + session.expiry_interval
+        self._schedule(session.expires_at, _EXPIRE, session.client_id)
+        will = session.will
+        if will is not None:
+            delay = will.props.get(Prop.WILL_DELAY_INTERVAL, 0)
+            if delay <= 0:
+                self._publish_will(session, now)
+            else:
+                # the will goes at the delay or at session end, whichever is first [MQTT-3.1.3-9]
+                session.will_at = now + min(delay, session.expiry_interval)
+                self._schedule(session.will_at, _WILL, session.client_id)
+
+    def _end_session(self, session: Session, now: float) -> None:
+        if session.will is not None and session.link is None:
+            self._publish_will(session, now)
+        for sub in session.subscriptions.values():
+            self.trie.remove(session.client_id, sub.filter, sub.group)
+        session.subscriptions.clear()
+        session.reset_for_clean_start()
+        if self.sessions.get(session.client_id) is session:
+            del self.sessions[session.client_id]
+
+    def _publish_will(self, session: Session, now: float) -> None:
+        will = session.will
+        session.will = None
+        session.will_at = None
+        if will is None:
+            return
+        props = {k: v for k, v in will.props.items() if k != Prop.WILL_DELAY_INTERVAL}
+        msg = Message.from_publish(will.topic, will.payload, will.qos, will.retain, props,
+                                   session.client_id, now)
+        self.route(msg, now)
+
+    def _schedule(self, when: float, kind: int, client_id: str) -> None:
+        heapq.heappush(self._timers, (when, next(self._seq), kind, client_id))
+
+    # -- PUBLISH ------------------------------------------------------------------------
+
+    def _publish(self, link: Link, p: Publish, now: float) -> None:
+        cfg = self.cfg
+        session = link.session
+        assert session is not None
+        qos = p.qos
+        if qos > cfg.maximum_qos:
+            raise ProtocolError(Reason.QOS_NOT_SUPPORTED, f"QoS {qos} above the maximum {cfg.maximum_qos}")
+        if p.retain and not cfg.retain_available:
+            raise ProtocolError(Reason.RETAIN_NOT_SUPPORTED, "retained messages are not available")
+        topic = p.topic
+        if cfg.max_topic_levels and topic.count("/") >= cfg.max_topic_levels:
+            raise ProtocolError(Reason.TOPIC_NAME_INVALID, f"more than {cfg.max_topic_levels} topic levels")
+        self.counters.received += 1
+        self.counters.publish_received += 1
+        props = p.props
+        v5 = session.version == MQTT_5
+        if props and props.get(Prop.PAYLOAD_FORMAT_INDICATOR) == 1 and not _is_utf8(p.payload):
+            # [MQTT-3.3.2-4] permits PUBACK/PUBREC with 0x99 or DISCONNECT 0x99
+            if qos == 0 or not v5:
+                raise ProtocolError(Reason.PAYLOAD_FORMAT_INVALID, "payload is not UTF-8")
+            self._ack(link, p, Reason.PAYLOAD_FORMAT_INVALID)
+            return
+        if topic[:4] == "$SYS":
+            # $SYS belongs to the broker; the publish is acknowledged and dropped
+            self.counters.dropped += 1
+            self._ack(link, p, Reason.NOT_AUTHORIZED if v5 else Reason.SUCCESS)
+            return
+        if qos == 2:
+            inbound = session.inbound_qos2
+            if p.packet_id in inbound:
+                # a re-sent QoS 2 PUBLISH we already routed: acknowledge again only [MQTT-4.3.3-9]
+                link.conn.send(Pubrec(p.packet_id))
+                link.wake()
+                return
+            inbound.add(p.packet_id)
+        msg = Message.from_publish(topic, p.payload, qos, p.retain, props, session.client_id, now)
+        reached = self.route(msg, now)
+        if qos:
+            self._ack(link, p, Reason.SUCCESS if reached or not v5 else Reason.NO_MATCHING_SUBSCRIBERS)
+
+    def _ack(self, link: Link, p: Publish, reason: int) -> None:
+        if p.qos == 1:
+            link.conn.send(Puback(p.packet_id, reason))
+        elif p.qos == 2:
+            link.conn.send(Pubrec(p.packet_id, reason))
+        link.wake()
+
+    def route(self, msg: Message, now: float) -> int:
+        """Store if retained, deliver to this shard's subscribers, forward to others.
+
+        Returns the number of sessions (and other shards) that got the message.
+        """
+        if msg.retain:
+            self.retained.set(msg)
+        reached = self.deliver_local(msg, now)
+        return reached + self.forward(msg)
+
+    def deliver_local(self, msg: Message, now: float) -> int:
+        targets, groups = self.trie.match(msg.topic)
+        origin = msg.origin
+        qos = msg.qos
+        retain = msg.retain
+        reached = 0
+        for target in targets:
+            if target.session.client_id == origin:
+                target = target.for_self  # type: ignore[assignment]
+                if target is None:
+                    continue  # no-local [MQTT-3.8.3-3]
+            q = qos if qos < target.qos else target.qos
+            # retain flag on forwarded messages only with retain-as-published [MQTT-3.3.1-12/13]
+            target.session.deliver(msg, q, retain and target.rap, target.sub_ids, now)
+            reached += 1
+        if groups:
+            strategy = self.cfg.shared_subscription_strategy
+            for group in groups:
+                member = group.pick(strategy)
+                if member is None:
+                    continue
+                q = qos if qos < member.opts.qos else member.opts.qos
+                ids = (member.sub_id,) if member.sub_id else ()
+                member.session.deliver(msg, q, retain and member.opts.retain_as_published, ids, now)
+                reached += 1
+        return reached
+
+    def _pubrec(self, link: Link, p: Pubrec, now: float) -> None:
+        session = link.session
+        assert session is not None
+        if p.reason_code >= 0x80:
+            session.acked(p.packet_id, now)  # the receiver refused it: the flow ends [MQTT-4.3.3-4]
+            return
+        if session.received(p.packet_id):
+            link.conn.send(Pubrel(p.packet_id))
+        else:
+            link.conn.send(Pubrel(p.packet_id, Reason.PACKET_IDENTIFIER_NOT_FOUND))
+        link.wake()
+
+    def _pubrel(self, link: Link, p: Pubrel) -> None:
+        session = link.session
+        assert session is not None
+        if p.packet_id in session.inbound_qos2:
+            session.inbound_qos2.discard(p.packet_id)
+            link.conn.send(Pubcomp(p.packet_id))
+        else:
+            link.conn.send(Pubcomp(p.packet_id, Reason.PACKET_IDENTIFIER_NOT_FOUND))
+        link.wake()
+
+    # -- SUBSCRIBE / UNSUBSCRIBE --------------------------------------------------------
+
+    def _subscribe(self, link: Link, p: Subscribe, now: float) -> None:
+        cfg = self.cfg
+        session = link.session
+        assert session is not None
+        sub_id = p.props.get(Prop.SUBSCRIPTION_IDENTIFIER) if p.props else None
+        if sub_id is not None and not cfg.subscription_identifier_available:
+            raise ProtocolError(Reason.SUBSCRIPTION_IDENTIFIERS_NOT_SUPPORTED,
+                                "subscription identifiers are not available")
+        codes: list[int] = []
+        retained: list[Subscription] = []
+        for filt, opts in p.topics:
+            code, sub, new = self._subscribe_one(session, filt, opts, sub_id)
+            codes.append(code)
+            if sub is not None and sub.group is None:
+                rh = opts.retain_handling
+                if rh == 0 or (rh == 1 and new):
+                    retained.append(sub)
+        link.conn.send(Suback(p.packet_id, codes))
+        # retained messages follow the SUBACK, with the retain flag set [MQTT-3.3.1-9]
+        for sub in retained:
+            ids = (sub.sub_id,) if sub.sub_id else ()
+            for msg in self.retained.match(sub.filter, now):
+                q = msg.qos if msg.qos < sub.opts.qos else sub.opts.qos
+                session.deliver(msg, q, True, ids, now)
+        link.wake()
+
+    def _subscribe_one(self, session: Session, filt: str, opts: SubOptions,
+                       sub_id: int | None) -> tuple[int, Subscription | None, bool]:
+        cfg = self.cfg
+        try:
+            group, real = parse_shared(filt)
+            validate_topic_filter(real, cfg.max_topic_levels)
+        except ProtocolError:
+            return Reason.TOPIC_FILTER_INVALID, None, False
+        if group is not None:
+            if not cfg.shared_subscription_available:
+                return Reason.SHARED_SUBSCRIPTIONS_NOT_SUPPORTED, None, False
+            if opts.no_local:
+                raise ProtocolError(Reason.PROTOCOL_ERROR, "no-local on a shared subscription")
+        if not cfg.wildcard_subscription_available and ("+" in real or "#" in real):
+            return Reason.WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED, None, False
+        existing = session.subscriptions.get(filt)
+        if (existing is None and cfg.max_subscriptions_per_client
+                and len(session.subscriptions) >= cfg.max_subscriptions_per_client):
+            return Reason.QUOTA_EXCEEDED, None, False
+        qos = min(opts.qos, cfg.maximum_qos)
+        granted = SubOptions(qos, opts.no_local, opts.retain_as_published, opts.retain_handling)
+        sub = Subscription(session, real, granted, sub_id, group)
+        self.trie.add(sub)
+        session.subscriptions[filt] = sub
+        return qos, sub, existing is None
+
+    def _unsubscribe(self, link: Link, p: Unsubscribe) -> None:
+        session = link.session
+        assert session is not None
+        codes = []
+        for filt in p.topics:
+            sub = session.subscriptions.pop(filt, None)
+            if sub is None:
+                codes.append(Reason.NO_SUBSCRIPTION_EXISTED)
+            else:
+                self.trie.remove(session.client_id, sub.filter, sub.group)
+                codes.append(Reason.SUCCESS)
+        link.conn.send(Unsuback(p.packet_id, codes))
+        link.wake()
+
+    # -- DISCONNECT ---------------------------------------------------------------------
+
+    def _disconnect(self, link: Link, p: Disconnect) -> None:
+        session = link.session
+        assert session is not None
+        expiry = p.props.get(Prop.SESSION_EXPIRY_INTERVAL) if p.props else None
+        if expiry is not None:
+            if session.expiry_interval == 0 and expiry > 0:
+                raise ProtocolError(Reason.PROTOCOL_ERROR,
+                                    "session expiry cannot be set after connecting with 0")  # [MQTT-3.14.2-2]
+            session.expiry_interval = min(expiry, self.cfg.max_session_expiry_interval)
+        link.disconnected_cleanly = p.reason_code != Reason.DISCONNECT_WITH_WILL
+        link.conn.disconnect(Reason.SUCCESS)  # no reply on the wire: a client DISCONNECT is final
+        link.close()
+
+    # -- time ---------------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        """Fire due wills and session expiries; publish $SYS when due."""
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            when, _, kind, client_id = heapq.heappop(timers)
+            session = self.sessions.get(client_id)
+            if session is None or session.link is not None:
+                continue
+            if kind == _WILL and session.will_at == when:
+                self._publish_will(session, now)
+            elif kind == _EXPIRE and session.expires_at == when:
+                log.debug("session %r expired", client_id)
+                self._end_session(session, now)
+        if self._next_sys is not None and now >= self._next_sys:
+            self._next_sys = now + self.cfg.sys_interval
+            self.retained.expire(now)
+            self.publish_sys(now)
+
+    def note_bytes(self, received: int, sent: int) -> None:
+        self._bytes = (received, sent)
+
+    def stats(self, now: float) -> dict[str, int | float | str]:
+        c = self.counters
+        return {
+            "version": f"shoal {VERSION}",
+            "uptime": int(now - self.started),
+            "clients/connected": self.connected,
+            "clients/disconnected": len(self.sessions) - self.connected,
+            "clients/total": len(self.sessions),
+            "clients/maximum": self.max_connected,
+            "messages/received": c.received,
+            "messages/sent": c.publish_sent,
+            "messages/dropped": c.dropped,
+            "messages/expired": c.expired,
+            "publish/messages/received": c.publish_received,
+            "publish/messages/sent": c.publish_sent,
+            "subscriptions/count": self.trie.count,
+            "retained messages/count": len(self.retained),
+            "load/bytes/received": self._bytes[0],
+            "load/bytes/sent": self._bytes[1],
+        }
+
+    def publish_sys(self, now: float) -> None:
+        for key, value in self.stats(now).items():
+            msg = Message(f"$SYS/broker/{key}", str(value).encode(), 0, True, None, None, "", now)
+            self.route(msg, now)
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True

@@ -1,0 +1,272 @@
+"""The shard's event loop: sockets in, the sans-IO connection and the Shard in between.
+
+This is the only module of a shard that does I/O. It follows the uvloop/asyncpg
+habits: ``data_received`` feeds bytes to the connection and drains every whole
+packet at once (no task per packet, no ``drain()``), and every connection's
+output is written once per loop turn by a single flush callback, however many
+packets the turn produced for it.
+
+Shutdown (SIGTERM/SIGINT) is a written order with a deadline: stop accepting,
+tell MQTT 5 clients DISCONNECT 0x8B (server shutting down), flush, close, exit.
+Signal handlers only set the event that starts it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from shards.config import Config, ConfigError, load_config
+from shards.protocol.connection import CLOSED, MQTTConnection
+from shards.protocol.errors import ProtocolError, Reason
+from shards.session import Session
+from shards.shard import Shard
+
+log = logging.getLogger("shoal.worker")
+
+# How often keepalive and connect deadlines, wills, expiries and $SYS are checked.
+# Half a second keeps a 1 s keepalive's 1.5 s limit within ~0.5 s while costing a
+# scan of every connection twice a second (about 3 ms for 10k connections).
+TICK = 0.5
+SHUTDOWN_DEADLINE = 10.0  # below supervisor's stopwaitsecs (15 s)
+PR_SET_PDEATHSIG = 1
+
+
+class ClientProtocol(asyncio.Protocol):
+    """One client connection: the Link the shard writes through."""
+
+    __slots__ = ("worker", "transport", "conn", "session", "congested", "peer",
+                 "disconnected_cleanly", "_dirty", "_closing")
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.transport: asyncio.Transport | None = None
+        self.session: Session | None = None
+        self.congested = False
+        self.peer = "?"
+        self.disconnected_cleanly = False
+        self._dirty = False
+        self._closing = False
+        cfg = worker.cfg.mqtt
+        self.conn = MQTTConnection(worker.loop.time(), max_packet_size=cfg.max_packet_size,
+                                   connect_timeout=cfg.connect_timeout,
+                                   receive_maximum=cfg.receive_maximum,
+                                   topic_alias_maximum=cfg.topic_alias_maximum)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.worker.links.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        worker = self.worker
+        now = worker.loop.time()
+        worker.bytes_in += len(data)
+        conn = self.conn
+        conn.receive_data(data, now)
+        self.process(now)
+
+    def process(self, now: float) -> None:
+        """Drain every whole packet buffered in the connection."""
+        conn = self.conn
+        shard = self.worker.shard
+        try:
+            while True:
+                packet = conn.next_packet()
+                if packet is None:
+                    break
+                shard.handle(self, packet, now)
+        except ProtocolError as err:
+            log.info("protocol error from %s (%r): 0x%02X %s", self.peer, conn.client_id,
+                     err.reason, err.message)
+            conn.fail(err)
+            self.close()
+        if conn.has_output():
+            self.wake()
+
+    def wake(self) -> None:
+        if not self._dirty:
+            self._dirty = True
+            self.worker.dirty.append(self)
+            self.worker.schedule_flush()
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        transport = self.transport
+        if transport is not None:
+            transport.pause_reading()  # after a close decision nothing more is read
+        self.wake()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        worker = self.worker
+        worker.links.discard(self)
+        self.conn.state = CLOSED
+        worker.shard.connection_lost(self, worker.loop.time())
+
+    def pause_writing(self) -> None:
+        # the kernel and transport buffers are full: QoS 0 to this client is dropped
+        # and QoS 1/2 waits in the session's bounded queue
+        self.congested = True
+
+    def resume_writing(self) -> None:
+        self.congested = False
+        session = self.session
+        if session is not None:
+            session.drain(self.worker.loop.time())
+
+
+class Worker:
+    def __init__(self, cfg: Config, loop: asyncio.AbstractEventLoop, index: int = 0) -> None:
+        self.cfg = cfg
+        self.loop = loop
+        self.shard = Shard(cfg.mqtt, index, loop.time())
+        self.links: set[ClientProtocol] = set()
+        self.dirty: list[ClientProtocol] = []
+        self._flush_scheduled = False
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.servers: list[asyncio.AbstractServer] = []
+        self.stopping = asyncio.Event()
+
+    def schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        dirty = self.dirty
+        self.dirty = []
+        out = 0
+        for link in dirty:
+            link._dirty = False
+            transport = link.transport
+            if transport is None or transport.is_closing():
+                continue
+            data = link.conn.data_to_send()
+            if data:
+                out += len(data)
+                transport.write(data)
+            if link._closing:
+                transport.close()
+        self.bytes_out += out
+
+    def tick(self) -> None:
+        now = self.loop.time()
+        for link in list(self.links):
+            reason = link.conn.handle_timer(now)
+            if reason is None:
+                continue
+            if reason == Reason.KEEP_ALIVE_TIMEOUT:
+                log.info("keepalive timeout for %s (%r)", link.peer, link.conn.client_id)
+                link.conn.disconnect(Reason.KEEP_ALIVE_TIMEOUT)
+            else:
+                log.info("no CONNECT from %s within %.1fs", link.peer, self.cfg.mqtt.connect_timeout)
+                link.conn.state = CLOSED
+            link.close()
+        self.shard.note_bytes(self.bytes_in, self.bytes_out)
+        self.shard.tick(now)
+        if not self.stopping.is_set():
+            self.loop.call_later(TICK, self.tick)
+
+    async def start(self) -> dict[str, dict[str, object]]:
+        listeners: dict[str, dict[str, object]] = {}
+        tcp = self.cfg.listeners.tcp
+        if tcp.enabled:
+            sock = make_listen_socket(tcp.bind, tcp.port, tcp.backlog)
+            server = await self.loop.create_server(lambda: ClientProtocol(self), sock=sock,
+                                                   backlog=tcp.backlog)
+            self.servers.append(server)
+            host, port = sock.getsockname()[:2]
+            listeners["tcp"] = {"host": host, "port": port}
+            log.info("listening for MQTT on tcp %s:%d", host, port)
+        self.loop.call_later(TICK, self.tick)
+        return listeners
+
+    async def shutdown(self) -> None:
+        """Stop accepting, tell v5 clients 0x8B, flush, close — within the deadline."""
+        for server in self.servers:
+            server.close()
+        for link in list(self.links):
+            link.conn.disconnect(Reason.SERVER_SHUTTING_DOWN)
+            link.close()
+        self.flush()
+        deadline = self.loop.time() + SHUTDOWN_DEADLINE
+        while self.links and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for link in list(self.links):
+            if link.transport is not None:
+                link.transport.abort()
+
+
+def make_listen_socket(host: str, port: int, backlog: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
+def write_ready_file(path: str, listeners: dict[str, dict[str, object]]) -> None:
+    target = Path(path)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(json.dumps({"pid": os.getpid(), "listeners": listeners}))
+    os.replace(tmp, target)
+
+
+def die_with_parent() -> None:
+    """A shard never outlives a SIGKILLed supervisord (FACTS: it would keep the port)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        except OSError:
+            pass
+
+
+async def serve(cfg: Config) -> int:
+    loop = asyncio.get_running_loop()
+    worker = Worker(cfg, loop)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.stopping.set)
+    listeners = await worker.start()
+    if cfg.runtime.ready_file:
+        write_ready_file(cfg.runtime.ready_file, listeners)
+    await worker.stopping.wait()
+    log.info("shutting down")
+    await worker.shutdown()
+    log.info("stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m shards", description="Run one shoal shard.")
+    parser.add_argument("--config", help="TOML config file (default: $SHOAL_CONFIG or embedded defaults)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as err:
+        print(f"shoal: {err}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=cfg.log.level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    die_with_parent()
+    if cfg.runtime.loop == "uvloop":
+        import uvloop
+        return uvloop.run(serve(cfg))
+    return asyncio.run(serve(cfg))
