@@ -302,12 +302,13 @@ class Shard:
             # [MQTT-3.3.2-4] permits PUBACK/PUBREC with 0x99 or DISCONNECT 0x99
             if qos == 0 or not v5:
                 raise ProtocolError(Reason.PAYLOAD_FORMAT_INVALID, "payload is not UTF-8")
-            self._ack(link, p, Reason.PAYLOAD_FORMAT_INVALID)
+            self._ack(link, p, Reason.PAYLOAD_FORMAT_INVALID, "payload is not valid UTF-8")
             return
         if topic[:4] == "$SYS":
             # $SYS belongs to the broker; the publish is acknowledged and dropped
             self.counters.dropped += 1
-            self._ack(link, p, Reason.NOT_AUTHORIZED if v5 else Reason.SUCCESS)
+            self._ack(link, p, Reason.NOT_AUTHORIZED if v5 else Reason.SUCCESS,
+                      "clients may not publish to $SYS")
             return
         if qos == 2:
             inbound = session.inbound_qos2
@@ -322,11 +323,13 @@ class Shard:
         if qos:
             self._ack(link, p, Reason.SUCCESS if reached or not v5 else Reason.NO_MATCHING_SUBSCRIBERS)
 
-    def _ack(self, link: Link, p: Publish, reason: int) -> None:
+    def _ack(self, link: Link, p: Publish, reason: int, why: str = "") -> None:
+        # the connection strips the reason string if the client asked for no problem info
+        props = {Prop.REASON_STRING: why} if why and reason >= 0x80 else None
         if p.qos == 1:
-            link.conn.send(Puback(p.packet_id, reason))
+            link.conn.send(Puback(p.packet_id, reason, props))
         elif p.qos == 2:
-            link.conn.send(Pubrec(p.packet_id, reason))
+            link.conn.send(Pubrec(p.packet_id, reason, props))
         link.wake()
 
     def route(self, msg: Message, now: float) -> int:
@@ -400,14 +403,18 @@ class Shard:
                                 "subscription identifiers are not available")
         codes: list[int] = []
         retained: list[Subscription] = []
+        problems: list[str] = []
         for filt, opts in p.topics:
             code, sub, new = self._subscribe_one(session, filt, opts, sub_id)
             codes.append(code)
+            if code >= 0x80:
+                problems.append(f"{filt!r}: {Reason(code).name.lower().replace('_', ' ')}")
             if sub is not None and sub.group is None:
                 rh = opts.retain_handling
                 if rh == 0 or (rh == 1 and new):
                     retained.append(sub)
-        link.conn.send(Suback(p.packet_id, codes))
+        props = {Prop.REASON_STRING: "; ".join(problems)} if problems and session.version == MQTT_5 else None
+        link.conn.send(Suback(p.packet_id, codes, props))
         # retained messages follow the SUBACK, with the retain flag set [MQTT-3.3.1-9]
         for sub in retained:
             ids = (sub.sub_id,) if sub.sub_id else ()

@@ -28,10 +28,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from shards.protocol.codec import decode, encode, encode_publish
+from shards.protocol.codec import connect_protocol_level, decode, encode, encode_publish
 from shards.protocol.errors import ProtocolError, Reason
 from shards.protocol.packets import (
-    AUTH, CONNACK, CONNECT, DISCONNECT, MQTT_5, PINGRESP, PUBACK, PUBCOMP, PUBLISH, PUBREC,
+    AUTH, CONNACK, CONNECT, DISCONNECT, MQTT_5, MQTT_31, MQTT_311, PINGRESP, PUBACK, PUBCOMP, PUBLISH, PUBREC,
     SUBACK, UNSUBACK, Connack, Connect, Disconnect, Packet, Prop, Properties, Publish,
 )
 from shards.protocol.reader import FrameReader
@@ -46,7 +46,7 @@ _SERVER_ONLY = frozenset({CONNACK, SUBACK, UNSUBACK, PINGRESP})
 # With Request Problem Information = 0 these packets must not carry a reason
 # string or user properties [MQTT-3.1.2-29].
 _PROBLEM_INFO_EXEMPT = frozenset({CONNACK, PUBLISH, DISCONNECT})
-_NO_PROPS: Properties = {}
+_LEVELS = frozenset({MQTT_31, MQTT_311, MQTT_5})
 MQTT_MAX_PACKET = 268435460  # 1 + 4 + 268435455
 
 
@@ -94,7 +94,14 @@ class MQTTConnection:
         if frame is None:
             return None
         first, body = frame
-        packet = decode(first, body, self.version)
+        if state == AWAIT_CONNECT:
+            if first >> 4 == CONNECT:
+                # kept so that a CONNECT which fails to decode is answered in its own version
+                level = connect_protocol_level(body)
+                self.version = level if level in _LEVELS else 0
+            packet = decode(first, body, 0)
+        else:
+            packet = decode(first, body, self.version)
         ptype = packet.type
         if state == AWAIT_CONNECT:
             if ptype != CONNECT:
@@ -124,6 +131,9 @@ class MQTTConnection:
     def _on_publish(self, packet: Publish) -> None:
         props = packet.props
         if props:
+            if Prop.SUBSCRIPTION_IDENTIFIER in props:
+                raise ProtocolError(Reason.PROTOCOL_ERROR,
+                                    "a client PUBLISH may not carry a subscription identifier")
             alias = props.get(Prop.TOPIC_ALIAS)
             if alias is not None:
                 if alias == 0 or alias > self.topic_alias_maximum:
@@ -223,6 +233,9 @@ class MQTTConnection:
             if err.reason == Reason.UNSUPPORTED_PROTOCOL_VERSION:
                 # [MQTT-3.1.2-2]: answer an unknown level with the 3.1.1 CONNACK code 1
                 self._write(b"\x20\x02\x00\x01")
+            elif self.version == MQTT_5:
+                # a CONNECT that failed to decode may be answered with its reason [MQTT-4.13.1]
+                self._write(encode(Connack(False, err.reason), MQTT_5))
         elif state == CONNECTING:
             self.refuse(err.reason, err.message)
         elif self.version == MQTT_5:
