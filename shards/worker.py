@@ -230,6 +230,17 @@ def write_ready_file(path: str, listeners: dict[str, dict[str, object]]) -> None
     os.replace(tmp, target)
 
 
+def raise_fd_limit() -> None:
+    """Every connection is a file descriptor: use the hard limit, which needs no privilege."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError) as err:
+        log.warning("could not raise the open-file limit: %s", err)
+
+
 def die_with_parent() -> None:
     """A shard never outlives a SIGKILLed supervisord (FACTS: it would keep the port)."""
     if sys.platform.startswith("linux"):
@@ -266,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=cfg.log.level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     die_with_parent()
+    raise_fd_limit()
     if cfg.runtime.loop == "uvloop":
         import uvloop
         return uvloop.run(serve(cfg))

@@ -1,0 +1,767 @@
+"""shoal's configuration: one strict, typed structure read from TOML and the environment.
+
+A broker that silently ignores a misspelt key runs with a limit its operator
+thinks is changed, so everything here fails loudly: an unknown key, a value of
+the wrong type and a value out of range all raise :class:`ConfigError` naming
+the key and where it came from (the file, or the environment variable).
+
+Each key is a field of a frozen dataclass whose metadata carries its
+documentation (what it does and why its default is what it is) and its bounds.
+The same metadata validates instances built in code (``MQTTConfig(...)`` in a
+test), drives the loader, and generates ``docs/configuration.md``
+(``shoal config docs``), so the code and the reference cannot drift apart.
+
+Precedence, lowest first: the defaults below, the TOML file, then
+``SHOAL_<SECTION>__<KEY>`` environment variables.
+"""
+
+import difflib
+import json
+import math
+import os
+import textwrap
+import tomllib
+from collections.abc import Iterator, Mapping
+from dataclasses import Field, dataclass, field, fields, is_dataclass
+from typing import Any, ClassVar
+
+__all__ = [
+    "BrokerConfig",
+    "Config",
+    "ConfigError",
+    "ListenersConfig",
+    "LogConfig",
+    "MQTTConfig",
+    "RuntimeConfig",
+    "TcpListenerConfig",
+    "CONFIG_ENV",
+    "ENV_PREFIX",
+    "env_name",
+    "env_overrides",
+    "example_toml",
+    "load_config",
+    "render_docs",
+    "to_toml",
+]
+
+ENV_PREFIX = "SHOAL_"
+ENV_SEPARATOR = "__"
+CONFIG_ENV = "SHOAL_CONFIG"
+
+_UINT16 = 65535
+_UINT32 = 4294967295
+_MQTT_MAX_PACKET = 268435455  # the largest Remaining Length a 4-byte varint can carry
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names the key and its source."""
+
+    def __init__(self, message: str, *, key: str | None = None, source: str | None = None) -> None:
+        self.message = message
+        self.key = key
+        self.source = source
+        super().__init__(f"{source}: {message}" if source else message)
+
+
+# ---------------------------------------------------------------------------
+# Field declarations
+
+
+def _key(default: Any, doc: str, *, lo: int | float | None = None, hi: int | float | None = None,
+         above: float | None = None, choices: tuple[str, ...] | None = None,
+         unit: str | None = None, zero: str | None = None) -> Any:
+    """Declare one configuration key.
+
+    ``doc`` says what the key does and why the default is what it is; ``lo``/``hi``
+    are inclusive bounds, ``above`` an exclusive lower bound, ``zero`` what 0 means
+    when it is special. Returned as ``Any`` so the dataclass annotation stays the
+    field's real type for type checkers.
+    """
+    meta = {"doc": " ".join(doc.split()), "lo": lo, "hi": hi, "above": above,
+            "choices": choices, "unit": unit, "zero": zero}
+    return field(default=default, metadata=meta)
+
+
+def _table(cls: type, doc: str) -> Any:
+    return field(default_factory=cls, metadata={"doc": " ".join(doc.split())})
+
+
+# ---------------------------------------------------------------------------
+# Sections
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerConfig:
+    path: ClassVar[str] = "broker"
+
+    workers: int = _key(
+        1,
+        """Number of shard processes on this host. One per core is the usual tuning: a shard is
+        one Python process running one event loop, so fewer shards than cores leave cores idle and
+        more only add context switches. The default of 1 suits a laptop, a test run or a small
+        box. Today supervisor.conf starts exactly one shard; running `workers` shards under a
+        router is planned. The upper bound catches typos, not machines.""",
+        lo=1, hi=1024)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+
+@dataclass(frozen=True, slots=True)
+class TcpListenerConfig:
+    path: ClassVar[str] = "listeners.tcp"
+
+    enabled: bool = _key(
+        True,
+        """Serve plain MQTT over TCP. On by default because TCP is the transport every MQTT
+        client speaks.""")
+    bind: str = _key(
+        "0.0.0.0",
+        """Address the TCP listener binds. 0.0.0.0 (every IPv4 interface) because a broker is a
+        server other hosts and containers connect to; set 127.0.0.1 for a broker reachable only
+        from this host (the tests do), or :: for IPv6.""")
+    port: int = _key(
+        1883,
+        """TCP port. 1883 is the IANA-registered MQTT port, so clients find the broker without
+        being told a port.""",
+        lo=0, hi=_UINT16,
+        zero="any free port, chosen by the kernel and reported in `runtime.ready_file` "
+             "(how tests avoid fixed ports)")
+    backlog: int = _key(
+        1024,
+        """Length of the kernel's queue of connections not yet accepted. 1024 rather than
+        asyncio's default of 100: when every client reconnects at once (after a restart or a
+        network blip) 100 overflows, and each dropped SYN costs that client a retransmission
+        timeout of a second or more. The kernel caps it at net.core.somaxconn.""",
+        lo=1, hi=_UINT16)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+        if not self.bind.strip():
+            raise ConfigError(f"{self.path}.bind: must not be empty", key=f"{self.path}.bind")
+
+
+@dataclass(frozen=True, slots=True)
+class ListenersConfig:
+    """One table per transport. TLS, WebSocket, WSS and QUIC listeners are planned; each will
+    be a table of its own here (``[listeners.tls]`` ...), with its own dataclass."""
+
+    path: ClassVar[str] = "listeners"
+
+    tcp: TcpListenerConfig = _table(
+        TcpListenerConfig,
+        "Plain MQTT over TCP. Listeners for TLS, WebSocket, WSS and QUIC are planned; each will "
+        "be a table of its own, `[listeners.<transport>]`.")
+
+    def __post_init__(self) -> None:
+        _validate(self)
+        # A broker with no listener would start, report ready and serve nobody.
+        if not any(getattr(getattr(self, f.name), "enabled", False) for f in fields(self)):
+            raise ConfigError("listeners: every listener is disabled; enable at least one",
+                              key="listeners.tcp.enabled")
+
+
+@dataclass(frozen=True, slots=True)
+class MQTTConfig:
+    path: ClassVar[str] = "mqtt"
+
+    max_packet_size: int = _key(
+        1048576,
+        """Largest MQTT packet accepted from a client, in bytes, fixed header included;
+        advertised to MQTT 5 clients as Maximum Packet Size. A larger packet is a protocol
+        error and closes the connection (MQTT 5: DISCONNECT 0x95 Packet too large). 1 MiB
+        bounds the memory one client can make a shard buffer while leaving room for ordinary
+        payloads (readings, JSON documents, small images); raise it to move files over MQTT.
+        The upper bound is the protocol's own maximum.""",
+        lo=1, hi=_MQTT_MAX_PACKET, unit="bytes")
+    receive_maximum: int = _key(
+        32,
+        """How many QoS 1 and QoS 2 PUBLISH packets one client may have unacknowledged towards
+        the broker at once; advertised to MQTT 5 clients as Receive Maximum (exceeding it is a
+        protocol error, 0x93). 32 keeps a fast publisher pipelined (at a 1 ms round trip that is
+        32,000 messages a second per client) while bounding the per-client state a shard holds;
+        the protocol default of 65535 would let one client pin far more.""",
+        lo=1, hi=_UINT16)
+    max_inflight: int = _key(
+        32,
+        """How many QoS 1 and QoS 2 messages the broker sends one client before it waits for
+        acknowledgements. The effective value is the smaller of this and the client's own
+        Receive Maximum (MQTT 5; MQTT 3.1.1 clients state none). 32 for the same reason as
+        receive_maximum: enough pipelining to hide round trips, little enough that a slow
+        client's unacknowledged messages stay small. Messages beyond it wait in the session
+        queue (max_queued_messages).""",
+        lo=1, hi=_UINT16)
+    max_queued_messages: int = _key(
+        1000,
+        """Messages queued per session while its client is offline or its in-flight window is
+        full; further messages for that session are dropped. 1000 absorbs a short disconnect at
+        a moderate rate without letting one abandoned session fill the host's memory.""",
+        lo=0, zero="no queue: only in-flight messages are kept")
+    queue_qos0: bool = _key(
+        True,
+        """Whether QoS 0 messages are queued for offline persistent sessions too (within
+        max_queued_messages). True so that a client that reconnects gets what it missed
+        whatever the QoS, as EMQX does by default (the specification allows it); set false to
+        queue QoS 1 and 2 only, as Mosquitto does by default.""")
+    max_topic_levels: int = _key(
+        128,
+        """Most levels ('/'-separated parts) a topic name or filter may have; deeper ones are
+        refused. Real topic trees rarely go past ten levels; 128 (EMQX's default too) is far
+        beyond them and bounds the cost of matching one topic, which grows with depth.""",
+        lo=1, hi=_UINT16)
+    topic_alias_maximum: int = _key(
+        64,
+        """Highest topic alias an MQTT 5 client may use towards the broker; advertised as Topic
+        Alias Maximum. 64 covers the topics a typical device publishes to while bounding the
+        per-connection alias table.""",
+        lo=0, hi=_UINT16, zero="topic aliases are disabled")
+    max_subscriptions_per_client: int = _key(
+        10000,
+        """Most subscriptions one session may hold; filters beyond it are refused (SUBACK 0x97
+        Quota exceeded on MQTT 5, 0x80 on 3.1.1). 10,000 is far above what devices and services
+        use and stops one client from flooding the shared topic index.""",
+        lo=0, zero="unlimited")
+    max_client_id_length: int = _key(
+        256,
+        """Longest client identifier accepted, in bytes of UTF-8. MQTT 3.1.1 only promises 23,
+        but real clients send UUIDs, hostnames and paths that are longer; 256 accepts those and
+        bounds the keys of the session registry. Longer ids are refused at CONNECT (Client
+        Identifier not valid).""",
+        lo=1, hi=_UINT16, unit="bytes")
+    max_keepalive: int = _key(
+        65535,
+        """Longest keep alive a client may ask for, in seconds. 65535 is the protocol's maximum
+        (about 18 hours): by default the client's choice is honoured. Lower it to find dead
+        connections sooner; an MQTT 5 client that asks for more is told the lower value through
+        Server Keep Alive.""",
+        lo=1, hi=_UINT16, unit="seconds")
+    server_keep_alive: int = _key(
+        0,
+        """Keep alive imposed on every MQTT 5 client, sent as Server Keep Alive in CONNACK. 0
+        by default so the broker dictates nothing it has no reason to; set it to enforce one
+        heartbeat across a fleet. Must not exceed max_keepalive.""",
+        lo=0, hi=_UINT16, unit="seconds",
+        zero="the client's own value is honoured, capped at max_keepalive")
+    max_session_expiry_interval: int = _key(
+        604800,
+        """Longest time a session is kept after its client disconnects. An MQTT 5 client's
+        Session Expiry Interval is capped at this, and an MQTT 3.x client that connects with
+        clean_session=0 gets exactly this, since 3.x has no expiry of its own. 604800 (7 days)
+        lets a device ride out a long outage while sessions that nobody comes back for, and
+        their queues, are eventually freed. 4294967295 means never expire (MQTT 5's value
+        for that).""",
+        lo=0, hi=_UINT32, unit="seconds",
+        zero="sessions end when their connection does, whatever the client asks")
+    maximum_qos: int = _key(
+        2,
+        """Highest QoS the broker accepts for publishes and grants to subscriptions; advertised
+        to MQTT 5 clients as Maximum QoS. 2 supports every MQTT feature; lower it only to
+        refuse the cost of QoS 2's four-packet exchange.""",
+        lo=0, hi=2)
+    retain_available: bool = _key(
+        True,
+        """Whether retained messages are stored and delivered; advertised as Retain Available.
+        True because retained messages are how most deployments publish 'last known state'.""")
+    max_retained_messages: int = _key(
+        1000000,
+        """Most retained messages stored broker-wide; when the store is full a retained
+        message on a new topic is not stored (existing topics are still updated and
+        cleared). 1,000,000 holds any ordinary deployment's state in a few hundred MB at
+        typical payload sizes, and bounds memory against a client retaining on random
+        topics.""",
+        lo=0, zero="unlimited")
+    wildcard_subscription_available: bool = _key(
+        True,
+        """Whether filters with + and # are accepted; advertised as Wildcard Subscription
+        Available. True: wildcards are ordinary MQTT and the topic index is built for them.""")
+    subscription_identifier_available: bool = _key(
+        True,
+        """Whether MQTT 5 Subscription Identifiers are supported; advertised as Subscription
+        Identifier Available. True: they cost one integer per subscription and spare clients
+        matching topics again to dispatch a message.""")
+    shared_subscription_available: bool = _key(
+        True,
+        """Whether $share/<group>/<filter> subscriptions are supported; advertised as Shared
+        Subscription Available. True: shared subscriptions are how consumers of an MQTT stream
+        split the load between them.""")
+    shared_subscription_strategy: str = _key(
+        "round_robin",
+        """How a message for a shared subscription picks one member of the group: round_robin
+        (each member in turn) or random. round_robin by default because it spreads load evenly
+        even over a few messages, and is deterministic, which tests rely on.""",
+        choices=("round_robin", "random"))
+    allow_anonymous: bool = _key(
+        True,
+        """Whether a client that sends no username may connect. True so that a broker started
+        from a fresh checkout works with any client; set false to refuse clients that connect
+        without a username (CONNACK Not authorized). Authentication (users, passwords, ACLs)
+        is planned.""")
+    allow_zero_length_clientid: bool = _key(
+        True,
+        """Whether a client may connect with an empty client id and have the broker assign one
+        (MQTT 5 returns it as Assigned Client Identifier; MQTT 3.1.1 allows it only with
+        clean_session=1). True because the specification expects servers to support it and
+        many client libraries rely on it.""")
+    connect_timeout: float = _key(
+        10.0,
+        """Seconds a new connection has to send a complete CONNECT before it is closed. 10 s is
+        generous for a slow link and a TLS handshake, yet soon frees the file descriptors held
+        by port scanners and half-open connections.""",
+        above=0.0, hi=3600.0, unit="seconds")
+    sys_interval: float = _key(
+        10.0,
+        """Seconds between updates of the $SYS statistics topics. 10 s, as Mosquitto: fresh
+        enough for a dashboard, rare enough to cost nothing.""",
+        lo=0.0, hi=86400.0, unit="seconds", zero="no $SYS topics are published")
+
+    def __post_init__(self) -> None:
+        _validate(self)
+        if self.server_keep_alive > self.max_keepalive:
+            raise ConfigError(
+                f"mqtt.server_keep_alive: {self.server_keep_alive} exceeds mqtt.max_keepalive "
+                f"({self.max_keepalive}); a broker cannot impose more than it allows",
+                key="mqtt.server_keep_alive")
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    path: ClassVar[str] = "log"
+
+    level: str = _key(
+        "INFO",
+        """Least severe level logged: DEBUG, INFO, WARNING or ERROR (any case; stored upper
+        case). INFO is for events (start, stop, listeners, errors), never for per-packet work,
+        which would cost more than the broker's own work on each packet; DEBUG is for
+        development.""",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+    def __post_init__(self) -> None:
+        if isinstance(self.level, str):
+            object.__setattr__(self, "level", self.level.upper())
+        _validate(self)
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeConfig:
+    path: ClassVar[str] = "runtime"
+
+    loop: str = _key(
+        "uvloop",
+        """Event loop: uvloop, the faster one and what shoal is tuned and benchmarked with, or
+        asyncio, the standard library's, which tells a uvloop problem from a shoal one (the
+        tests run under both).""",
+        choices=("uvloop", "asyncio"))
+    ready_file: str = _key(
+        "",
+        """When set, the broker writes a JSON document to this path once every listener is
+        bound, atomically (a temporary file renamed into place), so a reader never sees half
+        of it: {"pid": ..., "listeners": {"tcp": {"host": ..., "port": ...}}}. Empty by
+        default because only tests and scripts need it; with port = 0 it is how they learn the
+        port.""",
+        zero="(empty) no ready file is written")
+    data_dir: str = _key(
+        "var/data",
+        """Directory for the broker's persistent state. A relative path is taken from the
+        working directory, which supervisor.conf sets to the checkout, so by default state
+        lives in var/ beside the logs, which git ignores.""")
+
+    def __post_init__(self) -> None:
+        _validate(self)
+        if not self.data_dir.strip():
+            raise ConfigError("runtime.data_dir: must not be empty", key="runtime.data_dir")
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: ClassVar[str] = ""
+
+    broker: BrokerConfig = _table(BrokerConfig, "The broker process as a whole.")
+    listeners: ListenersConfig = _table(
+        ListenersConfig, "Where clients connect: one table per transport.")
+    mqtt: MQTTConfig = _table(
+        MQTTConfig,
+        "Protocol limits and features. Every limit is explicit so that no client can make a "
+        "shard hold unbounded state.")
+    log: LogConfig = _table(LogConfig, "Logging.")
+    runtime: RuntimeConfig = _table(RuntimeConfig, "How the process runs.")
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+
+# ---------------------------------------------------------------------------
+# Validation
+
+
+_TYPE_NAMES: dict[type, str] = {bool: "a boolean", int: "an integer", float: "a number",
+                                str: "a string"}
+
+
+def _describe(value: Any) -> str:
+    kind = {bool: "boolean", int: "integer", float: "float", str: "string",
+            dict: "table", list: "array"}.get(type(value), type(value).__name__)
+    return f"{kind} {value!r}" if kind != "table" else "a table"
+
+
+def _ftype(f: Field[Any]) -> type:
+    """A field's type as a class: this module never uses string annotations."""
+    tp = f.type
+    if not isinstance(tp, type):  # pragma: no cover - string annotation
+        raise TypeError(f"{f.name}: annotation {tp!r} is not a class")
+    return tp
+
+
+def _is_section(tp: type) -> bool:
+    return is_dataclass(tp)
+
+
+def _check_type(key: str, tp: type, value: Any) -> Any:
+    """Return ``value`` as ``tp`` (ints widen to float) or raise; bool is never an int here."""
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok:
+            value = float(value)
+            if not math.isfinite(value):
+                raise ConfigError(f"{key}: must be a finite number, got {value!r}", key=key)
+    elif tp is str:
+        ok = isinstance(value, str)
+    else:  # pragma: no cover - a field of a type this module does not know is a bug here
+        raise TypeError(f"{key}: unsupported field type {tp!r}")
+    if not ok:
+        raise ConfigError(f"{key}: expected {_TYPE_NAMES[tp]}, got {_describe(value)}", key=key)
+    return value
+
+
+def _check_bounds(key: str, value: Any, meta: Mapping[str, Any]) -> None:
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}", key=key)
+    lo, hi, above = meta.get("lo"), meta.get("hi"), meta.get("above")
+    if (lo is not None and value < lo) or (hi is not None and value > hi) or (
+            above is not None and value <= above):
+        raise ConfigError(f"{key}: {value!r} is out of range ({_range_text(meta)})", key=key)
+
+
+def _range_text(meta: Mapping[str, Any]) -> str:
+    lo, hi, above = meta.get("lo"), meta.get("hi"), meta.get("above")
+    if above is not None:
+        low = f"> {above:g}"
+        return f"{low} and <= {hi:g}" if hi is not None else low
+    if lo is not None and hi is not None:
+        return f"{lo:g} to {hi:g}" if isinstance(lo, float) else f"{lo} to {hi}"
+    if lo is not None:
+        return f">= {lo:g}" if isinstance(lo, float) else f">= {lo}"
+    if hi is not None:
+        return f"<= {hi}"
+    return ""
+
+
+def _validate(section: Any) -> None:
+    prefix = type(section).path
+    for f in fields(section):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        value = getattr(section, f.name)
+        tp = _ftype(f)
+        if _is_section(tp):
+            if not isinstance(value, tp):
+                raise ConfigError(f"{key}: expected a {tp.__name__}, got {_describe(value)}",
+                                  key=key)
+            continue
+        checked = _check_type(key, tp, value)
+        if checked is not value:
+            object.__setattr__(section, f.name, checked)
+        _check_bounds(key, checked, f.metadata)
+
+
+# ---------------------------------------------------------------------------
+# Loading
+
+
+def _schema(cls: type) -> dict[str, Field[Any]]:
+    return {f.name: f for f in fields(cls)}
+
+
+def _unknown(key: str, name: str, known: dict[str, Field[Any]], source: str) -> ConfigError:
+    section = key.rpartition(".")[0]
+    where = f"[{section}]" if section else "the top level"
+    hint = difflib.get_close_matches(name, list(known), n=1)
+    msg = f"unknown key {key!r}"
+    msg += f" (did you mean {hint[0]!r}?)" if hint else ""
+    msg += f"; known keys in {where}: {', '.join(known)}"
+    return ConfigError(msg, key=key, source=source)
+
+
+def _read_file(cls: type, table: Mapping[str, Any], prefix: str, source: str,
+               values: dict[str, Any], origins: dict[str, str]) -> None:
+    known = _schema(cls)
+    for name, value in table.items():
+        key = f"{prefix}.{name}" if prefix else name
+        f = known.get(name)
+        if f is None:
+            raise _unknown(key, name, known, source)
+        if _is_section(_ftype(f)):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a table [{key}], got {_describe(value)}",
+                                  key=key, source=source)
+            _read_file(_ftype(f), value, key, source, values, origins)
+            continue
+        try:
+            values[key] = _check_type(key, _ftype(f), value)
+        except ConfigError as e:
+            raise ConfigError(e.message, key=key, source=source) from None
+        origins[key] = source
+
+
+_TRUE = frozenset({"true", "1", "yes"})
+_FALSE = frozenset({"false", "0", "no"})
+
+
+def _parse_env(key: str, tp: type, text: str, source: str) -> Any:
+    raw = text.strip()
+    try:
+        if tp is bool:
+            if raw.lower() in _TRUE:
+                return True
+            if raw.lower() in _FALSE:
+                return False
+            raise ValueError
+        if tp is int:
+            return int(raw, 10)
+        if tp is float:
+            return _check_type(key, float, float(raw))
+    except ValueError:
+        want = "true/false/1/0/yes/no" if tp is bool else _TYPE_NAMES[tp]
+        raise ConfigError(f"{key}: expected {want}, got {text!r}", key=key,
+                          source=source) from None
+    except ConfigError as e:
+        raise ConfigError(e.message, key=key, source=source) from None
+    return text  # str: taken verbatim, spaces included
+
+
+def env_overrides(env: Mapping[str, str]) -> Iterator[tuple[str, str]]:
+    """The (variable, value) pairs of ``env`` that are configuration overrides, sorted.
+
+    Only ``SHOAL_*`` names containing ``__`` count, so ``SHOAL_CONFIG`` and the test
+    suite's ``SHOAL_TEST_BROKER`` are not mistaken for keys.
+    """
+    for name in sorted(env):
+        if name.startswith(ENV_PREFIX) and ENV_SEPARATOR in name:
+            yield name, env[name]
+
+
+def _read_env(env: Mapping[str, str], values: dict[str, Any], origins: dict[str, str]) -> None:
+    for name, text in env_overrides(env):
+        source = f"environment variable {name}"
+        parts = name[len(ENV_PREFIX):].lower().split(ENV_SEPARATOR)
+        cls: type = Config
+        prefix = ""
+        for i, part in enumerate(parts):
+            known = _schema(cls)
+            key = f"{prefix}.{part}" if prefix else part
+            f = known.get(part)
+            if f is None:
+                raise _unknown(key, part, known, source)
+            last = i == len(parts) - 1
+            if _is_section(_ftype(f)):
+                if last:
+                    raise ConfigError(f"{key}: is a table, not a key; name one of its keys "
+                                      f"({', '.join(_schema(_ftype(f)))})",
+                                      key=key, source=source)
+                cls, prefix = _ftype(f), key
+                continue
+            if not last:
+                raise ConfigError(f"{key}: is a key, not a table", key=key, source=source)
+            values[key] = _parse_env(key, _ftype(f), text, source)
+            origins[key] = source
+
+
+def _build(cls: type, prefix: str, values: Mapping[str, Any]) -> Any:
+    kwargs: dict[str, Any] = {}
+    for f in fields(cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if _is_section(_ftype(f)):
+            kwargs[f.name] = _build(_ftype(f), key, values)
+        elif key in values:
+            kwargs[f.name] = values[key]
+    return cls(**kwargs)
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"configuration path is a directory: {path}") from None
+    except PermissionError:
+        raise ConfigError(f"configuration file not readable: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"invalid TOML: {e}", source=path) from None
+
+
+def load_config(path: str | os.PathLike[str] | None = None,
+                env: Mapping[str, str] | None = None) -> Config:
+    """Read the configuration: defaults, then the TOML file, then environment overrides.
+
+    ``path`` None means ``env["SHOAL_CONFIG"]`` if set and non-empty, else defaults only.
+    ``env`` defaults to ``os.environ``.
+    """
+    if env is None:
+        env = os.environ
+    if path is None:
+        path = env.get(CONFIG_ENV) or None
+    values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    if path is not None:
+        source = os.fspath(path)
+        _read_file(Config, _read_toml(source), "", source, values, origins)
+    _read_env(env, values, origins)
+    try:
+        config: Config = _build(Config, "", values)
+    except ConfigError as e:
+        # Range and cross-key checks run in the dataclasses, which do not know where a value
+        # came from; name the source here so the operator knows what to edit.
+        source = origins.get(e.key or "", "defaults" if path is None else os.fspath(path))
+        raise ConfigError(e.message, key=e.key, source=source) from None
+    return config
+
+
+# ---------------------------------------------------------------------------
+# Rendering: TOML for `shoal config show`, Markdown for docs/configuration.md
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    raise TypeError(f"cannot write {value!r} as TOML")  # pragma: no cover
+
+
+def _sections(cls: type, prefix: str = "") -> Iterator[tuple[str, type, list[Field[Any]]]]:
+    """Each table in document order as (dotted name, class, its scalar fields)."""
+    scalars = [f for f in fields(cls) if not _is_section(_ftype(f))]
+    if prefix and scalars:
+        yield prefix, cls, scalars
+    for f in fields(cls):
+        if _is_section(_ftype(f)):
+            yield from _sections(_ftype(f), f"{prefix}.{f.name}" if prefix else f.name)
+
+
+def _lookup(config: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def to_toml(config: Config, *, comments: bool = False) -> str:
+    """The configuration as a TOML document that :func:`load_config` reads back to ``config``."""
+    out: list[str] = []
+    for name, _cls, scalars in _sections(Config):
+        if out:
+            out.append("")
+        out.append(f"[{name}]")
+        section = _lookup(config, name)
+        for f in scalars:
+            if comments:
+                out.append("")
+                out.extend(textwrap.wrap(_summary(f), 88, initial_indent="# ",
+                                         subsequent_indent="# "))
+                out.extend(textwrap.wrap(f.metadata["doc"], 88, initial_indent="# ",
+                                         subsequent_indent="# "))
+            out.append(f"{f.name} = {_toml_value(getattr(section, f.name))}")
+    return "\n".join(out) + "\n"
+
+
+def _type_name(tp: type) -> str:
+    return {bool: "boolean", int: "integer", float: "float", str: "string"}[tp]
+
+
+def _summary(f: Field[Any]) -> str:
+    """One line: type, default, allowed values."""
+    meta = f.metadata
+    parts = [_type_name(_ftype(f)), f"default {_toml_value(f.default)}"]
+    if meta.get("choices"):
+        parts.append("one of " + ", ".join(meta["choices"]))
+    rng = _range_text(meta)
+    if rng:
+        parts.append(f"range {rng}")
+    if meta.get("unit"):
+        parts.append(f"in {meta['unit']}")
+    if meta.get("zero"):
+        parts.append(f"0 = {meta['zero']}" if _ftype(f) is not str else meta["zero"])
+    return "; ".join(parts)
+
+
+def env_name(dotted: str) -> str:
+    return ENV_PREFIX + dotted.upper().replace(".", ENV_SEPARATOR)
+
+
+_DOCS_HEADER = """\
+# Configuration
+
+<!-- Generated by `shoal config docs` from shards/config.py: edit the code, then regenerate
+     with `shoal config docs > docs/configuration.md`. A unit test fails when they differ. -->
+
+shoal reads one strict, typed configuration. Precedence, lowest first:
+
+1. the defaults listed below: a broker started with no configuration at all
+   (`supervisord -c supervisor.conf` from a fresh checkout) uses them;
+2. a TOML file: `--config FILE`, or else the file named by the environment variable
+   `SHOAL_CONFIG` (unset or empty: no file);
+3. environment variables `SHOAL_<SECTION>__<KEY>`, one per key, for example
+   `SHOAL_MQTT__MAX_INFLIGHT=64` or, for a nested table, `SHOAL_LISTENERS__TCP__PORT=1884`.
+   Only names that start with `SHOAL_` **and** contain `__` are overrides, so `SHOAL_CONFIG`
+   is not one. Values are parsed by the key's type: booleans as
+   `true`/`false`/`1`/`0`/`yes`/`no`, integers, floats, and strings taken verbatim.
+
+Nothing is ignored silently. An unknown key (in the file or in an override), a value of the
+wrong type (`port = "1883"`, `enabled = 1`) and a value out of range all stop the broker with
+an error naming the key and the file or variable it came from. Check a file without starting
+anything with `shoal config check FILE`; see the effective configuration, overrides applied,
+with `shoal config show [--config FILE]`. `shoal.example.toml` in the checkout lists every key
+with its default.
+
+Limits are per shard process unless a key says otherwise (the broker runs one shard today).
+"""
+
+
+def render_docs() -> str:
+    """The Markdown reference of every key, as committed in docs/configuration.md."""
+    out = [_DOCS_HEADER]
+    for name, cls, scalars in _sections(Config):
+        out.append(f"## [{name}]\n")
+        parent, _, leaf = name.rpartition(".")
+        owner = _lookup_class(parent)
+        doc = next(f for f in fields(owner) if f.name == leaf).metadata["doc"]
+        out.append(doc + "\n")
+        for f in scalars:
+            dotted = f"{name}.{f.name}"
+            out.append(f"### `{dotted}`\n")
+            out.append(f"{_summary(f)}. Environment: `{env_name(dotted)}`.\n")
+            out.append(f.metadata["doc"] + "\n")
+    return "\n".join(out)
+
+
+def _lookup_class(dotted: str) -> type:
+    cls: type = Config
+    for part in filter(None, dotted.split(".")):
+        cls = next(_ftype(f) for f in fields(cls) if f.name == part)
+    return cls
+
+
+def example_toml() -> str:
+    """shoal.example.toml: every key at its default, with its documentation as comments."""
+    head = ("# shoal configuration: every key at its default. Generated by\n"
+            "# `shoal config show --defaults --comments`; the reference is docs/configuration.md.\n"
+            "# Copy what you change into your own file and pass it with --config or SHOAL_CONFIG.\n\n")
+    return head + to_toml(Config(), comments=True)
+
+
