@@ -42,6 +42,9 @@ class Link:
     def close(self) -> None:
         pass
 
+    def resume(self, now: float) -> None:
+        pass
+
     def feed(self, data: bytes) -> None:
         conn = self.conn
         conn.receive_data(data, 0.0)

@@ -21,10 +21,10 @@ _HOP_PROPS = (Prop.TOPIC_ALIAS, Prop.SUBSCRIPTION_IDENTIFIER, Prop.MESSAGE_EXPIR
 
 class Message:
     __slots__ = ("topic", "payload", "qos", "retain", "props", "expires_at", "origin", "created",
-                 "_encoded")
+                 "id")
 
     def __init__(self, topic: str, payload: bytes, qos: int, retain: bool, props: Properties | None,
-                 expires_at: float | None, origin: str, created: float) -> None:
+                 expires_at: float | None, origin: str, created: float, msg_id: int = 0) -> None:
         self.topic = topic
         self.payload = payload
         self.qos = qos
@@ -33,12 +33,13 @@ class Message:
         self.expires_at = expires_at
         self.origin = origin  # publishing client id, for no-local
         self.created = created
-        # encode cache, keyed by (version, qos, retain): filled by the connection
-        self._encoded: dict[tuple[int, int, bool], tuple[bytes, bytes]] | None = None
+        # host-wide unique (the publishing shard's index in the high bits): used to
+        # pick one shard per shared group and to drop duplicates during a takeover
+        self.id = msg_id
 
     @classmethod
     def from_publish(cls, topic: str, payload: bytes, qos: int, retain: bool, props: Properties,
-                     origin: str, now: float) -> Message:
+                     origin: str, now: float, msg_id: int = 0) -> Message:
         expires_at = None
         if props:
             expiry = props.get(Prop.MESSAGE_EXPIRY_INTERVAL)
@@ -46,7 +47,7 @@ class Message:
                 expires_at = now + expiry
             if any(k in props for k in _HOP_PROPS):
                 props = {k: v for k, v in props.items() if k not in _HOP_PROPS}
-        return cls(topic, payload, qos, retain, props, expires_at, origin, now)
+        return cls(topic, payload, qos, retain, props, expires_at, origin, now, msg_id)
 
     def expired(self, now: float) -> bool:
         return self.expires_at is not None and now >= self.expires_at

@@ -42,6 +42,9 @@ class Link(Protocol):
     def close(self) -> None:
         """Flush what is pending, then close the transport."""
 
+    def resume(self, now: float) -> None:
+        """The CONNECT was accepted: process what arrived behind it."""
+
 
 class Counters:
     """Shard-wide message counters ($SYS and metrics)."""
@@ -75,7 +78,7 @@ class Session:
     __slots__ = (
         "client_id", "version", "link", "subscriptions", "inflight", "queue", "next_pid",
         "inbound_qos2", "send_quota", "expiry_interval", "expires_at", "will", "will_at", "cfg",
-        "counters", "created",
+        "counters", "created", "dedupe",
     )
 
     def __init__(self, client_id: str, cfg: MQTTConfig, counters: Counters, now: float) -> None:
@@ -95,6 +98,8 @@ class Session:
         self.will: Will | None = None
         self.will_at: float | None = None
         self.created = now
+        # message ids already delivered, kept only while a takeover's relay runs
+        self.dedupe: set[int] | None = None
 
     @property
     def online(self) -> bool:
@@ -103,6 +108,11 @@ class Session:
     # -- delivery ----------------------------------------------------------------
 
     def deliver(self, msg: Message, qos: int, retain: bool, sub_ids: tuple[int, ...], now: float) -> None:
+        dedupe = self.dedupe
+        if dedupe is not None:
+            if msg.id in dedupe:
+                return
+            dedupe.add(msg.id)
         link = self.link
         if link is None:
             self._enqueue(msg, qos, retain, sub_ids)

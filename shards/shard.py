@@ -20,8 +20,10 @@ import time
 from collections.abc import Callable
 
 from shards.config import MQTTConfig
+from shards.host import Host, IndexKey, LocalHost
 from shards.message import Message
 from shards.protocol.errors import ProtocolError, Reason
+from shards.protocol.connection import CONNECTING
 from shards.protocol.packets import (
     AUTH, DISCONNECT, MQTT_5, MQTT_31, PINGREQ, PUBACK, PUBCOMP, PUBLISH, PUBREC, PUBREL,
     SUBSCRIBE, UNSUBSCRIBE, Connack, Connect, Disconnect, Packet, Pingresp, Prop, Properties,
@@ -32,6 +34,7 @@ from shards.protocol.topics import parse_shared, validate_topic_filter, validate
 from shards.retain import RetainedStore
 from shards.session import Counters, Link, Session
 from shards.subs import Subscription, SubscriptionTrie
+from shards.transfer import session_from_dict, session_to_dict
 
 log = logging.getLogger("shoal.shard")
 
@@ -41,9 +44,11 @@ _WILL = 1
 
 
 class Shard:
-    def __init__(self, cfg: MQTTConfig, index: int = 0, now: float = 0.0) -> None:
+    def __init__(self, cfg: MQTTConfig, index: int = 0, now: float = 0.0,
+                 host: Host | None = None) -> None:
         self.cfg = cfg
         self.index = index
+        self.host: Host = host if host is not None else LocalHost()
         self.sessions: dict[str, Session] = {}
         self.trie = SubscriptionTrie()
         self.retained = RetainedStore(cfg.max_retained_messages)
@@ -56,9 +61,14 @@ class Shard:
         self._seq = itertools.count()
         self._next_sys = now + cfg.sys_interval if cfg.sys_interval > 0 else None
         self._bytes = (0, 0)
-        # Messages that must reach other shards; replaced by the worker on a
-        # multi-shard host. Returns how many destinations it reached.
-        self.forward: Callable[[Message], int] = lambda msg: 0
+        # message ids are unique host-wide: the shard index above 48 bits of counter
+        self._msg_ids = itertools.count((index << 48) + 1)
+        # how many local subscriptions contribute each host-wide index key
+        self._keys: dict[IndexKey, int] = {}
+        # sessions that moved to another shard, relayed until its index delta is in
+        self._relays: dict[str, list[Subscription]] = {}
+        # the $SYS numbers: this shard's own, or host-wide ones the host supplies
+        self.sys_stats: Callable[[float], dict[str, int | float | str]] | None = self.stats
 
     # -- dispatch -------------------------------------------------------------------
 
@@ -118,12 +128,42 @@ class Shard:
         else:
             expiry = 0 if p.clean_start else cfg.max_session_expiry_interval
 
+        def claimed(remote: dict[str, object] | None, later: float) -> None:
+            self._connected(link, p, client_id, assigned, keepalive, expiry, remote, later)
+
+        # another shard may hold the session: the host gets it back first
+        self.host.claim(client_id, p.clean_start, claimed, now)
+
+    def _connected(self, link: Link, p: Connect, client_id: str, assigned: str | None,
+                   keepalive: int, expiry: int, remote: dict[str, object] | None,
+                   now: float) -> None:
+        cfg = self.cfg
+        conn = link.conn
+        v5 = p.protocol_level == MQTT_5
+        if remote is not None:
+            # CONNACK waits until the index knows the moved subscriptions are here
+            def adopted(later: float) -> None:
+                self.host.adopted(client_id)
+                self._connected(link, p, client_id, assigned, keepalive, expiry, None, later)
+
+            self._install(remote, now, adopted)
+            return
+        if conn.state != CONNECTING:
+            # the client left while the id was being claimed: keep any session we got
+            if client_id not in self.sessions:
+                self.host.released(client_id)
+            else:
+                session = self.sessions[client_id]
+                if session.link is None and session.expires_at is None:
+                    session.expires_at = now + session.expiry_interval
+                    self._schedule(session.expires_at, _EXPIRE, client_id)
+            return
         session = self.sessions.get(client_id)
         if session is not None and session.link is not None:
             self._take_over(session, now)
             session = self.sessions.get(client_id)  # gone if it had no expiry
         if session is not None and p.clean_start:
-            self._end_session(session, now)
+            self._end_session(session, now, release=False)
             session = None
         session_present = session is not None
         if session is None:
@@ -150,6 +190,7 @@ class Shard:
         if session_present:
             session.resume(now)
         link.wake()
+        link.resume(now)
 
     def _check_connect(self, p: Connect) -> tuple[int, str] | None:
         cfg = self.cfg
@@ -256,15 +297,129 @@ class Shard:
                 session.will_at = now + min(delay, session.expiry_interval)
                 self._schedule(session.will_at, _WILL, session.client_id)
 
-    def _end_session(self, session: Session, now: float) -> None:
+    def _end_session(self, session: Session, now: float, release: bool = True) -> None:
         if session.will is not None and session.link is None:
             self._publish_will(session, now)
-        for sub in session.subscriptions.values():
-            self.trie.remove(session.client_id, sub.filter, sub.group)
-        session.subscriptions.clear()
+        self._drop_subscriptions(session)
         session.reset_for_clean_start()
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
+            if release:
+                self.host.released(session.client_id)
+
+    def _drop_subscriptions(self, session: Session) -> None:
+        gone: list[IndexKey] = []
+        for sub in session.subscriptions.values():
+            self.trie.remove(session.client_id, sub.filter, sub.group)
+            gone.extend(self._unref(sub))
+        session.subscriptions.clear()
+        if gone:
+            self.host.unsubscribed(gone)
+
+    # -- host-wide index keys ---------------------------------------------------------
+
+    def _ref(self, sub: Subscription) -> list[IndexKey]:
+        """Count ``sub`` in; the keys that are new to this shard."""
+        new = []
+        keys = self._keys
+        for key in ((sub.filter, None), (sub.filter, sub.group)) if sub.group else ((sub.filter, None),):
+            n = keys.get(key, 0)
+            keys[key] = n + 1
+            if n == 0:
+                new.append(key)
+        return new
+
+    def _unref(self, sub: Subscription) -> list[IndexKey]:
+        gone = []
+        keys = self._keys
+        for key in ((sub.filter, None), (sub.filter, sub.group)) if sub.group else ((sub.filter, None),):
+            n = keys.get(key, 0) - 1
+            if n <= 0:
+                keys.pop(key, None)
+                gone.append(key)
+            else:
+                keys[key] = n
+        return gone
+
+    def index_keys(self) -> list[IndexKey]:
+        """Every key this shard contributes (to resynchronise a restarted router)."""
+        return list(self._keys)
+
+    # -- sessions moving between shards --------------------------------------------------
+
+    def give_up(self, client_id: str, to_shard: int, clean_start: bool, now: float) -> dict[str, object] | None:
+        """Another shard claimed ``client_id``: close our connection and hand over the session.
+
+        Its subscriptions stay in our trie, relaying to ``to_shard``, until
+        :meth:`drop_relay` (the new shard's index delta is in by then), so no
+        message published in between is lost.
+        """
+        session = self.sessions.get(client_id)
+        if session is None:
+            return None
+        if session.link is not None:
+            self._take_over(session, now)
+            session = self.sessions.get(client_id)
+            if session is None:
+                return None
+        if clean_start:
+            self._end_session(session, now, release=False)
+            return None
+        state = session_to_dict(session)
+        relay = RelayTarget(self.host, to_shard, client_id)
+        for sub in session.subscriptions.values():
+            sub.session = relay  # type: ignore[assignment]
+        self._relays[client_id] = list(session.subscriptions.values())
+        self.trie.touch()
+        del self.sessions[client_id]
+        session.subscriptions = {}
+        return state
+
+    def drop_relay(self, client_id: str) -> None:
+        subs = self._relays.pop(client_id, None)
+        if not subs:
+            return
+        gone: list[IndexKey] = []
+        for sub in subs:
+            self.trie.remove(client_id, sub.filter, sub.group)
+            gone.extend(self._unref(sub))
+        if gone:
+            self.host.unsubscribed(gone)
+
+    def _install(self, state: dict[str, object], now: float, then: Callable[[float], None]) -> None:
+        """A session given up by another shard becomes ours (offline until its link attaches)."""
+        session, subs = session_from_dict(state, self.cfg, self.counters, now)
+        old = self.sessions.get(session.client_id)
+        if old is not None:
+            self._end_session(old, now, release=False)
+        self.sessions[session.client_id] = session
+        session.dedupe = set()  # relayed copies may repeat direct ones until the relay ends
+        new: list[IndexKey] = []
+        for sub in subs:
+            self.trie.add(sub)
+            new.extend(self._ref(sub))
+        if new:
+            self.host.subscribed(new, then, now)
+        else:
+            then(now)
+
+    def relayed(self, client_id: str, msg: Message, qos: int, retain: bool, sub_ids: tuple[int, ...],
+                now: float) -> None:
+        session = self.sessions.get(client_id)
+        if session is not None:
+            session.deliver(msg, qos, retain, sub_ids, now)
+
+    def relay_ended(self, client_id: str) -> None:
+        session = self.sessions.get(client_id)
+        if session is not None:
+            session.dedupe = None
+
+    def received(self, msg: Message, deliver: bool, now: float) -> None:
+        """A message forwarded by another shard."""
+        if msg.retain:
+            self.retained.set(msg)
+        if deliver:
+            self.deliver_local(msg, now)
 
     def _publish_will(self, session: Session, now: float) -> None:
         will = session.will
@@ -274,7 +429,7 @@ class Shard:
             return
         props = {k: v for k, v in will.props.items() if k != Prop.WILL_DELAY_INTERVAL}
         msg = Message.from_publish(will.topic, will.payload, will.qos, will.retain, props,
-                                   session.client_id, now)
+                                   session.client_id, now, next(self._msg_ids))
         self.route(msg, now)
 
     def _schedule(self, when: float, kind: int, client_id: str) -> None:
@@ -318,7 +473,8 @@ class Shard:
                 link.wake()
                 return
             inbound.add(p.packet_id)
-        msg = Message.from_publish(topic, p.payload, qos, p.retain, props, session.client_id, now)
+        msg = Message.from_publish(topic, p.payload, qos, p.retain, props, session.client_id, now,
+                                   next(self._msg_ids))
         reached = self.route(msg, now)
         if qos:
             self._ack(link, p, Reason.SUCCESS if reached or not v5 else Reason.NO_MATCHING_SUBSCRIBERS)
@@ -340,7 +496,7 @@ class Shard:
         if msg.retain:
             self.retained.set(msg)
         reached = self.deliver_local(msg, now)
-        return reached + self.forward(msg)
+        return reached + self.host.forward(msg)
 
     def deliver_local(self, msg: Message, now: float) -> int:
         targets, groups = self.trie.match(msg.topic)
@@ -359,7 +515,10 @@ class Shard:
             reached += 1
         if groups:
             strategy = self.cfg.shared_subscription_strategy
+            serves = self.host.serves_group
             for group in groups:
+                if not serves(group.name, group.filter, msg):
+                    continue  # another shard's member gets this one
                 member = group.pick(strategy)
                 if member is None:
                     continue
@@ -404,8 +563,9 @@ class Shard:
         codes: list[int] = []
         retained: list[Subscription] = []
         problems: list[str] = []
+        new_keys: list[IndexKey] = []
         for filt, opts in p.topics:
-            code, sub, new = self._subscribe_one(session, filt, opts, sub_id)
+            code, sub, new = self._subscribe_one(session, filt, opts, sub_id, new_keys)
             codes.append(code)
             if code >= 0x80:
                 problems.append(f"{filt!r}: {Reason(code).name.lower().replace('_', ' ')}")
@@ -414,17 +574,28 @@ class Shard:
                 if rh == 0 or (rh == 1 and new):
                     retained.append(sub)
         props = {Prop.REASON_STRING: "; ".join(problems)} if problems and session.version == MQTT_5 else None
-        link.conn.send(Suback(p.packet_id, codes, props))
-        # retained messages follow the SUBACK, with the retain flag set [MQTT-3.3.1-9]
-        for sub in retained:
-            ids = (sub.sub_id,) if sub.sub_id else ()
-            for msg in self.retained.match(sub.filter, now):
-                q = msg.qos if msg.qos < sub.opts.qos else sub.opts.qos
-                session.deliver(msg, q, True, ids, now)
-        link.wake()
+        suback = Suback(p.packet_id, codes, props)
 
-    def _subscribe_one(self, session: Session, filt: str, opts: SubOptions,
-                       sub_id: int | None) -> tuple[int, Subscription | None, bool]:
+        def applied(later: float) -> None:
+            if session.link is not link:
+                return  # the connection went away while the index was updated
+            link.conn.send(suback)
+            # retained messages follow the SUBACK, with the retain flag set [MQTT-3.3.1-9]
+            for sub in retained:
+                ids = (sub.sub_id,) if sub.sub_id else ()
+                for msg in self.retained.match(sub.filter, later):
+                    q = msg.qos if msg.qos < sub.opts.qos else sub.opts.qos
+                    session.deliver(msg, q, True, ids, later)
+            link.wake()
+
+        if new_keys:
+            # the SUBACK waits for the host-wide index: after it, every publish finds us
+            self.host.subscribed(new_keys, applied, now)
+        else:
+            applied(now)
+
+    def _subscribe_one(self, session: Session, filt: str, opts: SubOptions, sub_id: int | None,
+                       new_keys: list[IndexKey]) -> tuple[int, Subscription | None, bool]:
         cfg = self.cfg
         try:
             group, real = parse_shared(filt)
@@ -447,19 +618,25 @@ class Shard:
         sub = Subscription(session, real, granted, sub_id, group)
         self.trie.add(sub)
         session.subscriptions[filt] = sub
+        if existing is None:
+            new_keys.extend(self._ref(sub))
         return qos, sub, existing is None
 
     def _unsubscribe(self, link: Link, p: Unsubscribe) -> None:
         session = link.session
         assert session is not None
         codes = []
+        gone: list[IndexKey] = []
         for filt in p.topics:
             sub = session.subscriptions.pop(filt, None)
             if sub is None:
                 codes.append(Reason.NO_SUBSCRIPTION_EXISTED)
             else:
                 self.trie.remove(session.client_id, sub.filter, sub.group)
+                gone.extend(self._unref(sub))
                 codes.append(Reason.SUCCESS)
+        if gone:
+            self.host.unsubscribed(gone)
         link.conn.send(Unsuback(p.packet_id, codes))
         link.wake()
 
@@ -496,7 +673,8 @@ class Shard:
         if self._next_sys is not None and now >= self._next_sys:
             self._next_sys = now + self.cfg.sys_interval
             self.retained.expire(now)
-            self.publish_sys(now)
+            if self.sys_stats is not None:
+                self.publish_sys(now)
 
     def note_bytes(self, received: int, sent: int) -> None:
         self._bytes = (received, sent)
@@ -523,9 +701,26 @@ class Shard:
         }
 
     def publish_sys(self, now: float) -> None:
-        for key, value in self.stats(now).items():
-            msg = Message(f"$SYS/broker/{key}", str(value).encode(), 0, True, None, None, "", now)
+        assert self.sys_stats is not None
+        for key, value in self.sys_stats(now).items():
+            msg = Message(f"$SYS/broker/{key}", str(value).encode(), 0, True, None, None, "", now,
+                          next(self._msg_ids))
             self.route(msg, now)
+
+
+class RelayTarget:
+    """Stands in for a session that moved to another shard, while its relay lasts."""
+
+    __slots__ = ("host", "shard", "client_id")
+    online = True
+
+    def __init__(self, host: Host, shard: int, client_id: str) -> None:
+        self.host = host
+        self.shard = shard
+        self.client_id = client_id
+
+    def deliver(self, msg: Message, qos: int, retain: bool, sub_ids: tuple[int, ...], now: float) -> None:
+        self.host.relay(self.shard, self.client_id, msg, qos, retain, sub_ids)
 
 
 def _is_utf8(data: bytes) -> bool:

@@ -175,6 +175,10 @@ class SubscriptionTrie:
         self._changed()
         return True
 
+    def touch(self) -> None:
+        """Subscriptions changed in place (their session was swapped): drop cached matches."""
+        self._changed()
+
     def _changed(self) -> None:
         self.generation += 1
         if self._cache:

@@ -44,7 +44,7 @@ class ClientProtocol(asyncio.Protocol):
     """One client connection: the Link the shard writes through."""
 
     __slots__ = ("worker", "transport", "conn", "session", "congested", "peer",
-                 "disconnected_cleanly", "_dirty", "_closing")
+                 "disconnected_cleanly", "_dirty", "_closing", "_processing")
 
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
@@ -55,6 +55,7 @@ class ClientProtocol(asyncio.Protocol):
         self.disconnected_cleanly = False
         self._dirty = False
         self._closing = False
+        self._processing = False
         cfg = worker.cfg.mqtt
         self.conn = MQTTConnection(worker.loop.time(), max_packet_size=cfg.max_packet_size,
                                    connect_timeout=cfg.connect_timeout,
@@ -82,6 +83,7 @@ class ClientProtocol(asyncio.Protocol):
         """Drain every whole packet buffered in the connection."""
         conn = self.conn
         shard = self.worker.shard
+        self._processing = True
         try:
             while True:
                 packet = conn.next_packet()
@@ -93,8 +95,15 @@ class ClientProtocol(asyncio.Protocol):
                      err.reason, err.message)
             conn.fail(err)
             self.close()
+        finally:
+            self._processing = False
         if conn.has_output():
             self.wake()
+
+    def resume(self, now: float) -> None:
+        # accepted inside process(): its loop goes on; accepted later: drain now
+        if not self._processing and not self._closing:
+            self.process(now)
 
     def wake(self) -> None:
         if not self._dirty:

@@ -835,3 +835,17 @@ def connect_protocol_level(body: bytes | memoryview) -> int:
         return 0
     at = 2 + ((body[0] << 8) | body[1])
     return body[at] if at < len(body) else 0
+
+
+def encode_properties(props: Properties | None) -> bytes:
+    """Property length + properties, as inside a packet: how messages carry their
+    MQTT 5 properties between shards and into the store."""
+    return _encode_props(props)
+
+
+def decode_properties(data: bytes | memoryview, ptype: int = PUBLISH) -> Properties:
+    """The inverse of :func:`encode_properties` for properties allowed in ``ptype``."""
+    props, end = _decode_props(data, 0, len(data), ptype)
+    if end != len(data):
+        raise malformed("bytes after the properties")
+    return props

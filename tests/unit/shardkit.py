@@ -38,6 +38,9 @@ class FakeLink:
     def close(self) -> None:
         self.closed = True
 
+    def resume(self, now: float) -> None:
+        pass  # send() drains every packet it fed
+
     def send(self, packet: Packet, now: float = 0.0) -> None:
         """The client sends ``packet``; the shard handles it like the worker does."""
         if isinstance(packet, Connect):
