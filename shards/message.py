@@ -56,7 +56,9 @@ class Message:
         """The Message Expiry Interval to forward: received value minus time waited."""
         if self.expires_at is None:
             return None
-        return max(1, math.ceil(self.expires_at - now))
+        # the small epsilon keeps float noise in (now + interval) - now from rounding up
+        # past the interval the publisher sent [MQTT-3.3.2-6]
+        return max(1, math.ceil(self.expires_at - now - 1e-6))
 
     def __repr__(self) -> str:
         return f"Message({self.topic!r}, {self.payload[:32]!r}, qos={self.qos}, retain={self.retain})"

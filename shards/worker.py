@@ -25,8 +25,11 @@ import sys
 from pathlib import Path
 
 from shards.config import Config, ConfigError, load_config
+from shards.host import Host, LocalHost
 from shards.protocol.connection import CLOSED, MQTTConnection
 from shards.protocol.errors import ProtocolError, Reason
+from router.main import run_dir_for
+from shards.hostlink import RouterHost, Welcome, join_router
 from shards.session import Session
 from shards.shard import Shard
 
@@ -139,10 +142,11 @@ class ClientProtocol(asyncio.Protocol):
 
 
 class Worker:
-    def __init__(self, cfg: Config, loop: asyncio.AbstractEventLoop, index: int = 0) -> None:
+    def __init__(self, cfg: Config, loop: asyncio.AbstractEventLoop, index: int = 0,
+                 host: Host | None = None) -> None:
         self.cfg = cfg
         self.loop = loop
-        self.shard = Shard(cfg.mqtt, index, loop.time())
+        self.shard = Shard(cfg.mqtt, index, loop.time(), host or LocalHost())
         self.links: set[ClientProtocol] = set()
         self.dirty: list[ClientProtocol] = []
         self._flush_scheduled = False
@@ -193,16 +197,25 @@ class Worker:
             self.loop.call_later(TICK, self.tick)
 
     async def start(self) -> dict[str, dict[str, object]]:
-        listeners: dict[str, dict[str, object]] = {}
+        """One-shard mode: the worker binds its own listening sockets."""
+        sockets: list[tuple[str, socket.socket]] = []
         tcp = self.cfg.listeners.tcp
         if tcp.enabled:
-            sock = make_listen_socket(tcp.bind, tcp.port, tcp.backlog)
+            sockets.append(("tcp", make_listen_socket(tcp.bind, tcp.port, tcp.backlog)))
+        return await self.serve_sockets(sockets)
+
+    async def serve_sockets(self, sockets: list[tuple[str, socket.socket]]) -> dict[str, dict[str, object]]:
+        """Accept MQTT on already-listening sockets (bound here or handed over by the router)."""
+        listeners: dict[str, dict[str, object]] = {}
+        backlog = self.cfg.listeners.tcp.backlog
+        for name, sock in sockets:
+            sock.setblocking(False)
             server = await self.loop.create_server(lambda: ClientProtocol(self), sock=sock,
-                                                   backlog=tcp.backlog)
+                                                   backlog=backlog)
             self.servers.append(server)
             host, port = sock.getsockname()[:2]
-            listeners["tcp"] = {"host": host, "port": port}
-            log.info("listening for MQTT on tcp %s:%d", host, port)
+            listeners[name] = {"host": host, "port": port}
+            log.info("shard %d accepting MQTT on %s %s:%d", self.shard.index, name, host, port)
         self.loop.call_later(TICK, self.tick)
         return listeners
 
@@ -274,9 +287,43 @@ async def serve(cfg: Config) -> int:
     return 0
 
 
+async def serve_sharded(cfg: Config, index: int, welcome: Welcome, run_dir: str) -> int:
+    """Router mode: sockets and peers come from the router; shard ``index`` of N."""
+    loop = asyncio.get_running_loop()
+    host = RouterHost(index, welcome, run_dir, loop)
+    worker = Worker(cfg, loop, index, host)
+    shard = worker.shard
+    # shard 0 publishes the host-wide $SYS numbers the router sums up
+    shard.sys_stats = (lambda now: host.sys_stats or shard.stats(now)) if index == 0 else None
+    exit_code = 0
+
+    def router_lost() -> None:
+        nonlocal exit_code
+        exit_code = 1
+        worker.stopping.set()
+
+    host.on_router_lost = router_lost
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.stopping.set)
+    await host.start(shard)
+    names = [entry["name"] for entry in welcome.listeners]
+    await worker.serve_sockets(list(zip(names, welcome.sockets)))
+    host.ready()
+    await worker.stopping.wait()
+    log.info("shard %d shutting down", index)
+    await worker.shutdown()
+    await host.close()
+    log.info("shard %d stopped", index)
+    return exit_code
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m shards", description="Run one shoal shard.")
     parser.add_argument("--config", help="TOML config file (default: $SHOAL_CONFIG or embedded defaults)")
+    parser.add_argument("--index", type=int, help="this shard's index under a router "
+                        "(supervisor.conf passes %%(process_num)d); omit for a one-process broker")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="how many shards run (supervisor.conf passes %%(numprocs)d)")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config)
@@ -287,7 +334,17 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     die_with_parent()
     raise_fd_limit()
+    if args.index is None:
+        coro = serve(cfg)
+    else:
+        run_dir = run_dir_for(cfg)
+        try:
+            welcome = join_router(run_dir, args.index, args.workers)
+        except (OSError, TimeoutError) as err:
+            log.error("shard %d could not join the router: %s", args.index, err)
+            return 1
+        coro = serve_sharded(cfg, args.index, welcome, run_dir)
     if cfg.runtime.loop == "uvloop":
         import uvloop
-        return uvloop.run(serve(cfg))
-    return asyncio.run(serve(cfg))
+        return uvloop.run(coro)
+    return asyncio.run(coro)

@@ -1,0 +1,340 @@
+"""A shard's link to its host: the router's control socket, the bus, the shared index.
+
+Implements :class:`shards.host.Host` for a shard running under a router.
+
+Forwarding: the shared index answers "which shards have a subscriber for this
+topic" as a bitmask; answers are cached per topic in a dict that is dropped
+when the index's generation counter moves (0.1 µs a hit). One frame is encoded
+per message and queued for each destination; the bus writes each peer's frames
+once per loop turn. A retained message goes to every shard (the others only
+store it), so a subscriber on any shard finds it.
+
+Takeover across shards: the router's registry says who held the client id; the
+claimant asks that shard over the bus, which disconnects its client (0x8E),
+ships the session and keeps relaying deliveries until the claimant says its
+index delta is in. A shard that does not answer within ``TAKEOVER_TIMEOUT``
+(it is restarting and its bus frames wait in our buffer) leaves the claimant
+with a new session rather than a hung CONNECT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from router.bus import Bus
+from router.framing import (
+    CONTROL, FLAG_RETAIN_ONLY, PUBLISH, FrameDecoder, decode_control, encode_control, encode_frame,
+)
+from router.index import pick_shard
+from router.shm import ShmTopicIndex
+from shards.host import Claimed, Continue, IndexKey
+from shards.message import Message
+from shards.transfer import message_from_frame, message_to_bytes
+
+if TYPE_CHECKING:
+    from shards.shard import Shard
+
+log = logging.getLogger("shoal.hostlink")
+
+HEARTBEAT = 1.0
+TAKEOVER_TIMEOUT = 10.0
+ROUTER_WAIT = 30.0  # supervisord starts the router first but does not wait for it
+MATCH_CACHE_MAX = 65536
+
+
+class Welcome:
+    def __init__(self, msg: dict[str, Any], sockets: list[socket.socket], ctl: socket.socket) -> None:
+        self.workers: int = msg["workers"]
+        self.tag: str = msg["tag"]
+        self.listeners: list[dict[str, Any]] = msg["listeners"]
+        self.sockets = sockets
+        self.control = ctl
+
+
+def join_router(run_dir: str, index: int, workers: int, timeout: float = ROUTER_WAIT) -> Welcome:
+    """Blocking hand-shake at start-up: hello, then the listening sockets arrive."""
+    path = os.path.join(run_dir, "router.sock")
+    deadline = time.monotonic() + timeout
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(path)
+            break
+        except (FileNotFoundError, ConnectionRefusedError):
+            s.close()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no router at {path} after {timeout:.0f}s")
+            time.sleep(0.05)  # the router is starting; nothing else to wait on
+    s.settimeout(timeout)
+    hello = {"op": "hello", "shard": index, "workers": workers, "pid": os.getpid()}
+    s.sendall(encode_frame(CONTROL, encode_control(hello)))
+    decoder = FrameDecoder()
+    fds: list[int] = []
+    while True:
+        data, got, _, _ = socket.recv_fds(s, 65536, 16)
+        fds.extend(got)
+        if not data:
+            raise ConnectionError("the router closed the hand-shake (worker count mismatch?)")
+        decoder.feed(data)
+        frame = decoder.next()
+        if frame is not None:
+            break
+    msg = decode_control(frame[1])
+    s.settimeout(None)
+    s.setblocking(False)
+    return Welcome(msg, [socket.socket(fileno=fd) for fd in fds], s)
+
+
+class ControlClient(asyncio.Protocol):
+    def __init__(self, link: RouterHost) -> None:
+        self.link = link
+        self.decoder = FrameDecoder()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.decoder.feed(data)
+        for ftype, body in self.decoder:
+            if ftype == CONTROL:
+                self.link.on_router(decode_control(body))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # without its router a shard cannot claim ids or subscribe correctly: exit and
+        # let supervisord restart it once the router is back
+        self.link.router_lost()
+
+
+class RouterHost:
+    def __init__(self, index: int, welcome: Welcome, run_dir: str,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.index = index
+        self.bit = 1 << index
+        self.workers = welcome.workers
+        self.loop = loop
+        self.welcome = welcome
+        self.run_dir = run_dir
+        self.shard: Shard | None = None
+        self.topic_index = ShmTopicIndex.attach(welcome.tag)
+        self.bus = Bus(index, run_dir, self.on_frame)
+        self.control: ControlClient | None = None
+        self._seq = itertools.count(1)
+        self._acks: dict[int, Continue] = {}
+        self._claims: dict[int, tuple[str, bool, Claimed]] = {}
+        self._takeovers: dict[tuple[str, int], tuple[Claimed, asyncio.TimerHandle]] = {}
+        self._gave_to: dict[str, int] = {}  # client id -> shard it moved to (relay running)
+        self._got_from: dict[str, int] = {}  # client id -> shard it came from
+        self._cache: dict[str, int] = {}
+        self._gen = -1
+        self._all_peers = 0
+        for j in range(self.workers):
+            if j != index:
+                self._all_peers |= 1 << j
+        self.on_router_lost: Callable[[], None] = lambda: None
+        self.sys_stats: dict[str, Any] | None = None
+        self.closing = False
+
+    async def start(self, shard: Shard) -> None:
+        self.shard = shard
+        await self.bus.start()
+        self.bus.set_peers(j for j in range(self.workers) if j != self.index)
+        _, proto = await self.loop.connect_accepted_socket(lambda: ControlClient(self),
+                                                           sock=self.welcome.control)
+        self.control = proto  # type: ignore[assignment]
+        # restate everything this shard has (restored sessions): the router replaces
+        # what an earlier incarnation of this shard left
+        self._send({"op": "subs", "reset": True, "add": [list(k) for k in shard.index_keys()]})
+        if shard.sessions:
+            self._send({"op": "own", "cids": list(shard.sessions)})
+        self.loop.call_later(HEARTBEAT, self._heartbeat)
+
+    def ready(self) -> None:
+        self._send({"op": "ready"})
+
+    async def close(self) -> None:
+        self.closing = True
+        await self.bus.close()
+        if self.control is not None and self.control.transport is not None:
+            self.control.transport.close()
+        self.topic_index.close()
+
+    def router_lost(self) -> None:
+        if not self.closing:
+            log.error("lost the router connection; shard %d stops", self.index)
+            self.on_router_lost()
+
+    # -- router control ------------------------------------------------------------------
+
+    def _send(self, msg: dict[str, Any]) -> None:
+        if self.control is not None and self.control.transport is not None:
+            self.control.transport.write(encode_frame(CONTROL, encode_control(msg)))
+
+    def on_router(self, msg: dict[str, Any]) -> None:
+        op = msg.get("op")
+        now = self.loop.time()
+        if op == "ack":
+            then = self._acks.pop(msg["seq"], None)
+            if then is not None:
+                then(now)
+        elif op == "claimed":
+            entry = self._claims.pop(msg["seq"], None)
+            if entry is None:
+                return
+            cid, clean, then = entry
+            prev = msg["prev"]
+            if prev < 0 or prev == self.index:
+                then(None, now)
+            else:
+                self._ask_takeover(prev, cid, clean, then)
+        elif op == "sys":
+            self.sys_stats = msg["stats"]
+
+    def _heartbeat(self) -> None:
+        shard = self.shard
+        if shard is None:
+            return
+        now = self.loop.time()
+        self._send({"op": "hb", "stats": shard.stats(now)})
+        self.loop.call_later(HEARTBEAT, self._heartbeat)
+
+    # -- Host port -------------------------------------------------------------------------
+
+    def claim(self, client_id: str, clean_start: bool, then: Claimed, now: float) -> None:
+        seq = next(self._seq)
+        self._claims[seq] = (client_id, clean_start, then)
+        self._send({"op": "claim", "seq": seq, "cid": client_id})
+
+    def released(self, client_id: str) -> None:
+        self._send({"op": "release", "cid": client_id})
+
+    def subscribed(self, keys: list[IndexKey], then: Continue, now: float) -> None:
+        seq = next(self._seq)
+        self._acks[seq] = then
+        self._send({"op": "subs", "seq": seq, "add": [list(k) for k in keys]})
+
+    def unsubscribed(self, keys: list[IndexKey]) -> None:
+        self._send({"op": "subs", "del": [list(k) for k in keys]})
+
+    def _match(self, topic: str) -> int:
+        index = self.topic_index
+        g = index.generation()
+        if g != self._gen:
+            self._cache = {}
+            self._gen = g
+        mask = self._cache.get(topic)
+        if mask is None:
+            mask = index.match(topic)
+            if len(self._cache) >= MATCH_CACHE_MAX:
+                self._cache = {}
+            self._cache[topic] = mask
+        return mask
+
+    def forward(self, msg: Message) -> int:
+        # an unreachable index answers "every shard" (FULL_MASK): keep to shards that exist
+        mask = self._match(msg.topic) & self._all_peers
+        if msg.retain:
+            # every shard keeps the retained store: the others only store it
+            store_only = self._all_peers & ~mask
+            if store_only:
+                body = message_to_bytes(msg, FLAG_RETAIN_ONLY)
+                self._fan_out(store_only, PUBLISH, body)
+        if not mask:
+            return 0
+        self._fan_out(mask, PUBLISH, message_to_bytes(msg))
+        return mask.bit_count()
+
+    def _fan_out(self, mask: int, ftype: int, body: bytes) -> None:
+        send = self.bus.send
+        while mask:
+            low = mask & -mask
+            send(low.bit_length() - 1, ftype, body)
+            mask ^= low
+
+    def serves_group(self, group: str, filt: str, msg: Message) -> bool:
+        mask = self.topic_index.group_shards(group, filt) & (self._all_peers | self.bit)
+        if not mask & ~self.bit:
+            return True
+        return pick_shard(mask, msg.id) == self.index
+
+    def relay(self, shard: int, client_id: str, msg: Message, qos: int, retain: bool,
+              sub_ids: tuple[int, ...]) -> None:
+        self._bus_control(shard, {"op": "relay", "cid": client_id, "qos": qos, "retain": retain,
+                                  "ids": list(sub_ids),
+                                  "msg": base64.b64encode(message_to_bytes(msg)).decode()})
+
+    def adopted(self, client_id: str) -> None:
+        source = self._got_from.pop(client_id, None)
+        if source is not None:
+            self._bus_control(source, {"op": "installed", "cid": client_id})
+
+    # -- takeover over the bus -------------------------------------------------------------
+
+    def _bus_control(self, peer: int, msg: dict[str, Any]) -> None:
+        self.bus.send(peer, CONTROL, encode_control(msg))
+
+    def _ask_takeover(self, prev: int, cid: str, clean: bool, then: Claimed) -> None:
+        seq = next(self._seq)
+
+        def timed_out() -> None:
+            entry = self._takeovers.pop((cid, seq), None)
+            if entry is not None:
+                log.warning("shard %d did not hand over %r within %.0fs: starting a new session",
+                            prev, cid, TAKEOVER_TIMEOUT)
+                entry[0](None, self.loop.time())
+
+        timer = self.loop.call_later(TAKEOVER_TIMEOUT, timed_out)
+        self._takeovers[(cid, seq)] = (then, timer)
+        self._bus_control(prev, {"op": "takeover", "cid": cid, "clean": clean, "seq": seq})
+
+    def on_frame(self, peer: int, ftype: int, body: bytes | memoryview) -> None:
+        shard = self.shard
+        if shard is None:
+            return
+        now = self.loop.time()
+        if ftype == PUBLISH:
+            msg, flags, _ = message_from_frame(body, now)
+            shard.received(msg, not flags & FLAG_RETAIN_ONLY, now)
+            return
+        if ftype != CONTROL:
+            return
+        msg = decode_control(body)
+        op = msg.get("op")
+        cid = msg.get("cid", "")
+        if op == "takeover":
+            state = shard.give_up(cid, peer, bool(msg["clean"]), now)
+            if state is not None:
+                self._gave_to[cid] = peer
+            self._bus_control(peer, {"op": "session", "cid": cid, "seq": msg["seq"], "state": state})
+        elif op == "session":
+            entry = self._takeovers.pop((cid, msg["seq"]), None)
+            if entry is None:
+                # too late: we already started a new session; the old one is dropped,
+                # but the giver's relay must still end
+                if msg["state"] is not None:
+                    log.warning("session %r from shard %d arrived after the timeout; dropped",
+                                cid, peer)
+                    self._bus_control(peer, {"op": "installed", "cid": cid})
+                return
+            then, timer = entry
+            timer.cancel()
+            if msg["state"] is not None:
+                self._got_from[cid] = peer
+            then(msg["state"], now)
+        elif op == "relay":
+            m, _, _ = message_from_frame(base64.b64decode(msg["msg"]), now)
+            shard.relayed(cid, m, msg["qos"], msg["retain"], tuple(msg["ids"]), now)
+        elif op == "installed":
+            self._gave_to.pop(cid, None)
+            shard.drop_relay(cid)
+            self._bus_control(peer, {"op": "relay_done", "cid": cid})
+        elif op == "relay_done":
+            shard.relay_ended(cid)
