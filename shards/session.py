@@ -23,6 +23,7 @@ from shards.protocol.packets import MQTT_5, Prop, Properties, Pubrel, Will
 
 if TYPE_CHECKING:
     from shards.config import MQTTConfig
+    from shards.store import Store
     from shards.protocol.connection import MQTTConnection
     from shards.subs import Subscription
 
@@ -78,7 +79,7 @@ class Session:
     __slots__ = (
         "client_id", "version", "link", "subscriptions", "inflight", "queue", "next_pid",
         "inbound_qos2", "send_quota", "expiry_interval", "expires_at", "will", "will_at", "cfg",
-        "counters", "created", "dedupe",
+        "counters", "created", "dedupe", "journal",
     )
 
     def __init__(self, client_id: str, cfg: MQTTConfig, counters: Counters, now: float) -> None:
@@ -100,6 +101,8 @@ class Session:
         self.created = now
         # message ids already delivered, kept only while a takeover's relay runs
         self.dedupe: set[int] | None = None
+        # the durable store, for sessions that outlive their connection (expiry > 0)
+        self.journal: Store | None = None
 
     @property
     def online(self) -> bool:
@@ -142,17 +145,25 @@ class Session:
             self.counters.dropped += 1
             return
         self.queue.append((msg, qos, retain, sub_ids))
+        journal = self.journal
+        if journal is not None and qos:
+            journal.put(self.client_id, msg, 0, 0, qos, retain, sub_ids)
 
     def _send_new(self, link: Link, msg: Message, qos: int, retain: bool, sub_ids: tuple[int, ...],
                   now: float) -> None:
         pid = self._allocate_pid()
+        journal = self.journal
         if link.conn.send_publish(msg.topic, msg.payload, qos, retain, pid,
                                   self._props(msg, sub_ids, now)):
             self.inflight[pid] = Inflight(msg, qos, retain, sub_ids)
             self.counters.publish_sent += 1
+            if journal is not None:
+                journal.put(self.client_id, msg, 1, pid, qos, retain, sub_ids)
         else:
             # too large for this client: dropped as if delivered [MQTT-3.1.2-25]
             self.counters.dropped += 1
+            if journal is not None:
+                journal.delete(self.client_id, msg)
 
     def _allocate_pid(self) -> int:
         pid = self.next_pid
@@ -187,6 +198,8 @@ class Session:
             msg, qos, retain, sub_ids = queue.popleft()
             if msg.expired(now):
                 self.counters.expired += 1
+                if self.journal is not None and qos:
+                    self.journal.delete(self.client_id, msg)
                 continue
             if qos == 0:
                 if link.conn.send_publish(msg.topic, msg.payload, 0, retain, 0,
@@ -219,13 +232,14 @@ class Session:
             if item.released:
                 conn.send(Pubrel(pid))
                 continue
-            if item.msg.expired(now):
+            if item.msg.expired(now) or not conn.send_publish(
+                    item.msg.topic, item.msg.payload, item.qos, item.retain, pid,
+                    self._props(item.msg, item.sub_ids, now), dup=True):
+                # expired, or too large for the client's new maximum packet size
                 del self.inflight[pid]
                 self.counters.expired += 1
-                continue
-            if not conn.send_publish(item.msg.topic, item.msg.payload, item.qos, item.retain, pid,
-                                     self._props(item.msg, item.sub_ids, now), dup=True):
-                del self.inflight[pid]
+                if self.journal is not None:
+                    self.journal.delete(self.client_id, item.msg)
         self.drain(now)
         link.wake()
 
@@ -233,8 +247,11 @@ class Session:
 
     def acked(self, pid: int, now: float) -> bool:
         """PUBACK, or PUBCOMP; also PUBREC with an error code. Frees credit."""
-        if self.inflight.pop(pid, None) is None:
+        item = self.inflight.pop(pid, None)
+        if item is None:
             return False
+        if self.journal is not None:
+            self.journal.delete(self.client_id, item.msg)
         if self.queue:
             self.drain(now)
         return True
@@ -245,7 +262,22 @@ class Session:
         if item is None or item.qos != 2:
             return False
         item.released = True
+        if self.journal is not None:
+            self.journal.put(self.client_id, item.msg, 2, pid, item.qos, item.retain, item.sub_ids)
         return True
+
+    def persist_all(self) -> None:
+        """Journal the whole session (it just became ours, or just became persistent)."""
+        journal = self.journal
+        if journal is None:
+            return
+        journal.session_changed(self)
+        for pid, item in self.inflight.items():
+            journal.put(self.client_id, item.msg, 2 if item.released else 1, pid, item.qos,
+                        item.retain, item.sub_ids)
+        for msg, qos, retain, sub_ids in self.queue:
+            if qos:
+                journal.put(self.client_id, msg, 0, 0, qos, retain, sub_ids)
 
     def reset_for_clean_start(self) -> None:
         self.inflight.clear()

@@ -33,6 +33,7 @@ from shards.protocol.packets import (
 from shards.protocol.topics import parse_shared, validate_topic_filter, validate_topic_name
 from shards.retain import RetainedStore
 from shards.session import Counters, Link, Session
+from shards.store import Store
 from shards.subs import Subscription, SubscriptionTrie
 from shards.transfer import session_from_dict, session_to_dict
 
@@ -49,6 +50,7 @@ class Shard:
         self.cfg = cfg
         self.index = index
         self.host: Host = host if host is not None else LocalHost()
+        self.store: Store | None = None  # set by the worker when persistence is on
         self.sessions: dict[str, Session] = {}
         self.trie = SubscriptionTrie()
         self.retained = RetainedStore(cfg.max_retained_messages)
@@ -176,6 +178,7 @@ class Shard:
         session.version = p.protocol_level
         session.will = p.will
         session.expiry_interval = expiry
+        self._set_journal(session)
         client_receive_max = p.props.get(Prop.RECEIVE_MAXIMUM, 65535) if v5 else 65535
         session.send_quota = min(client_receive_max, cfg.max_inflight)
         session.link = link
@@ -287,6 +290,7 @@ class Shard:
             return
         session.expires_at = now + session.expiry_interval
         self._schedule(session.expires_at, _EXPIRE, session.client_id)
+        self._changed(session)
         will = session.will
         if will is not None:
             delay = will.props.get(Prop.WILL_DELAY_INTERVAL, 0)
@@ -302,10 +306,52 @@ class Shard:
             self._publish_will(session, now)
         self._drop_subscriptions(session)
         session.reset_for_clean_start()
+        if session.journal is not None:
+            session.journal.session_gone(session.client_id)
+            session.journal = None
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
             if release:
                 self.host.released(session.client_id)
+
+    def _set_journal(self, session: Session) -> None:
+        """Sessions that outlive their connection are kept in the store; others not."""
+        store = self.store
+        if store is None:
+            return
+        if session.expiry_interval > 0:
+            if session.journal is None:
+                session.journal = store
+                session.persist_all()
+            else:
+                store.session_changed(session)
+        elif session.journal is not None:
+            session.journal = None
+            store.session_gone(session.client_id)
+
+    def _changed(self, session: Session) -> None:
+        if session.journal is not None:
+            session.journal.session_changed(session)
+
+    def restore(self, now: float) -> None:
+        """Load what the store kept: persistent sessions (offline) and retained messages."""
+        store = self.store
+        if store is None:
+            return
+        for msg in store.load_retained(now):
+            if not msg.expired(now):
+                self.retained.set(msg)
+        for session, subs in store.load_sessions(self.cfg, self.counters, now):
+            session.journal = store
+            self.sessions[session.client_id] = session
+            for sub in subs:
+                self.trie.add(sub)
+                self._ref(sub)
+            assert session.expires_at is not None
+            self._schedule(session.expires_at, _EXPIRE, session.client_id)
+        if self.sessions:
+            log.info("restored %d sessions and %d retained messages", len(self.sessions),
+                     len(self.retained))
 
     def _drop_subscriptions(self, session: Session) -> None:
         gone: list[IndexKey] = []
@@ -366,6 +412,9 @@ class Shard:
             self._end_session(session, now, release=False)
             return None
         state = session_to_dict(session)
+        if session.journal is not None:
+            session.journal.session_gone(client_id)  # the new owner stores it now
+            session.journal = None
         relay = RelayTarget(self.host, to_shard, client_id)
         for sub in session.subscriptions.values():
             sub.session = relay  # type: ignore[assignment]
@@ -393,6 +442,7 @@ class Shard:
         if old is not None:
             self._end_session(old, now, release=False)
         self.sessions[session.client_id] = session
+        self._set_journal(session)
         session.dedupe = set()  # relayed copies may repeat direct ones until the relay ends
         new: list[IndexKey] = []
         for sub in subs:
@@ -473,6 +523,7 @@ class Shard:
                 link.wake()
                 return
             inbound.add(p.packet_id)
+            self._changed(session)
         msg = Message.from_publish(topic, p.payload, qos, p.retain, props, session.client_id, now,
                                    next(self._msg_ids))
         reached = self.route(msg, now)
@@ -495,6 +546,8 @@ class Shard:
         """
         if msg.retain:
             self.retained.set(msg)
+            if self.store is not None and msg.topic[:1] != "$":
+                self.store.retained_set(msg)
         reached = self.deliver_local(msg, now)
         return reached + self.host.forward(msg)
 
@@ -545,6 +598,7 @@ class Shard:
         assert session is not None
         if p.packet_id in session.inbound_qos2:
             session.inbound_qos2.discard(p.packet_id)
+            self._changed(session)
             link.conn.send(Pubcomp(p.packet_id))
         else:
             link.conn.send(Pubcomp(p.packet_id, Reason.PACKET_IDENTIFIER_NOT_FOUND))
@@ -620,6 +674,7 @@ class Shard:
         session.subscriptions[filt] = sub
         if existing is None:
             new_keys.extend(self._ref(sub))
+        self._changed(session)
         return qos, sub, existing is None
 
     def _unsubscribe(self, link: Link, p: Unsubscribe) -> None:
@@ -637,6 +692,7 @@ class Shard:
                 codes.append(Reason.SUCCESS)
         if gone:
             self.host.unsubscribed(gone)
+        self._changed(session)
         link.conn.send(Unsuback(p.packet_id, codes))
         link.wake()
 
@@ -651,6 +707,7 @@ class Shard:
                 raise ProtocolError(Reason.PROTOCOL_ERROR,
                                     "session expiry cannot be set after connecting with 0")  # [MQTT-3.14.2-2]
             session.expiry_interval = min(expiry, self.cfg.max_session_expiry_interval)
+            self._set_journal(session)
         link.disconnected_cleanly = p.reason_code != Reason.DISCONNECT_WITH_WILL
         link.conn.disconnect(Reason.SUCCESS)  # no reply on the wire: a client DISCONNECT is final
         link.close()

@@ -32,6 +32,7 @@ from router.main import run_dir_for
 from shards.hostlink import RouterHost, Welcome, join_router
 from shards.session import Session
 from shards.shard import Shard
+from shards.store import Store
 
 log = logging.getLogger("shoal.worker")
 
@@ -147,6 +148,9 @@ class Worker:
         self.cfg = cfg
         self.loop = loop
         self.shard = Shard(cfg.mqtt, index, loop.time(), host or LocalHost())
+        self.store = Store(cfg.runtime.data_dir, index)
+        self.shard.store = self.store
+        self.shard.restore(loop.time())
         self.links: set[ClientProtocol] = set()
         self.dirty: list[ClientProtocol] = []
         self._flush_scheduled = False
@@ -162,6 +166,8 @@ class Worker:
 
     def flush(self) -> None:
         self._flush_scheduled = False
+        # durable first: an ack written below may promise what the store now holds
+        self.store.commit()
         dirty = self.dirty
         self.dirty = []
         out = 0
@@ -193,6 +199,7 @@ class Worker:
             link.close()
         self.shard.note_bytes(self.bytes_in, self.bytes_out)
         self.shard.tick(now)
+        self.store.commit()  # changes that produced no output (offline queues, expiries)
         if not self.stopping.is_set():
             self.loop.call_later(TICK, self.tick)
 
@@ -233,6 +240,8 @@ class Worker:
         for link in list(self.links):
             if link.transport is not None:
                 link.transport.abort()
+        # every connection is gone: sessions are offline with their deadlines; keep them
+        self.store.close()
 
 
 def make_listen_socket(host: str, port: int, backlog: int) -> socket.socket:
