@@ -252,8 +252,17 @@ class Router:
             self._send(slot, {"op": "claimed", "seq": msg["seq"],
                               "prev": prev if prev != slot.index else -1})
         elif op == "own":
+            # a restarted shard's stored sessions: those claimed elsewhere meanwhile are
+            # stale copies (the claimant gave up waiting and began a new session)
+            stale = []
             for cid in msg["cids"]:
-                self.registry.setdefault(cid, slot.index)
+                owner = self.registry.setdefault(cid, slot.index)
+                if owner != slot.index and self._alive(owner):
+                    stale.append(cid)
+                else:
+                    self.registry[cid] = slot.index
+            if stale:
+                self._send(slot, {"op": "disown", "cids": stale})
         elif op == "release":
             cid = msg["cid"]
             if self.registry.get(cid) == slot.index:
@@ -292,6 +301,10 @@ class Router:
                     _index_remove(index, (f, g), k)
         if "seq" in msg:
             self._send(slot, {"op": "ack", "seq": msg["seq"]})
+
+    def _alive(self, index: int) -> bool:
+        slot = self.slots.get(index)
+        return slot is not None and slot.protocol is not None
 
     def _send(self, slot: ShardSlot, msg: dict[str, Any]) -> None:
         if slot.protocol is not None:

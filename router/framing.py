@@ -66,7 +66,8 @@ _COPY_LIMIT = 2048
 # PUBLISH flags.
 FLAG_RETAIN_ONLY = 1  # update the receiver's retained store; deliver to nobody
 FLAG_SHARED = 2  # shared-subscription delivery: `group` names the share group
-_KNOWN_FLAGS = FLAG_RETAIN_ONLY | FLAG_SHARED
+FLAG_ACK = 4  # the sender holds its publisher's PUBACK until this shard says it stored it
+_KNOWN_FLAGS = FLAG_RETAIN_ONLY | FLAG_SHARED | FLAG_ACK
 
 
 class BusProtocolError(Exception):

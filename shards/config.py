@@ -26,7 +26,6 @@ from dataclasses import Field, dataclass, field, fields, is_dataclass
 from typing import Any, ClassVar
 
 __all__ = [
-    "BrokerConfig",
     "Config",
     "ConfigError",
     "ListenersConfig",
@@ -88,23 +87,6 @@ def _table(cls: type, doc: str) -> Any:
 
 # ---------------------------------------------------------------------------
 # Sections
-
-
-@dataclass(frozen=True, slots=True)
-class BrokerConfig:
-    path: ClassVar[str] = "broker"
-
-    workers: int = _key(
-        1,
-        """Number of shard processes on this host. One per core is the usual tuning: a shard is
-        one Python process running one event loop, so fewer shards than cores leave cores idle and
-        more only add context switches. The default of 1 suits a laptop, a test run or a small
-        box. Today supervisor.conf starts exactly one shard; running `workers` shards under a
-        router is planned. The upper bound catches typos, not machines.""",
-        lo=1, hi=1024)
-
-    def __post_init__(self) -> None:
-        _validate(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -375,7 +357,6 @@ class RuntimeConfig:
 class Config:
     path: ClassVar[str] = ""
 
-    broker: BrokerConfig = _table(BrokerConfig, "The broker process as a whole.")
     listeners: ListenersConfig = _table(
         ListenersConfig, "Where clients connect: one table per transport.")
     mqtt: MQTTConfig = _table(
@@ -729,7 +710,9 @@ anything with `shoal config check FILE`; see the effective configuration, overri
 with `shoal config show [--config FILE]`. `shoal.example.toml` in the checkout lists every key
 with its default.
 
-Limits are per shard process unless a key says otherwise (the broker runs one shard today).
+Limits are per shard process unless a key says otherwise. The number of shards is not a
+key here: it is `numprocs` in supervisor.conf's `[program:workers]` (one per core is the
+usual tuning), and the router learns it from the shards as they join.
 """
 
 

@@ -56,6 +56,12 @@ class Host(Protocol):
               sub_ids: tuple[int, ...]) -> None:
         """Deliver to a session that just moved to ``shard``."""
 
+    def when_durable(self, msg_id: int, then: Continue, now: float) -> None:
+        """``then(now)`` once every shard ``msg_id`` was forwarded to has stored it."""
+
+    def committed(self) -> None:
+        """This shard's store just committed: tell the shards waiting on it."""
+
 
 class LocalHost:
     """The host of a one-shard broker."""
@@ -86,3 +92,9 @@ class LocalHost:
     def relay(self, shard: int, client_id: str, msg: Message, qos: int, retain: bool,
               sub_ids: tuple[int, ...]) -> None:
         raise RuntimeError("a one-shard host has no other shard to relay to")
+
+    def when_durable(self, msg_id: int, then: Continue, now: float) -> None:
+        then(now)
+
+    def committed(self) -> None:
+        pass

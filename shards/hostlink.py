@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from router.bus import Bus
 from router.framing import (
-    CONTROL, FLAG_RETAIN_ONLY, PUBLISH, FrameDecoder, decode_control, encode_control, encode_frame,
+    CONTROL, FLAG_ACK, FLAG_RETAIN_ONLY, PUBLISH, FrameDecoder, decode_control, encode_control, encode_frame,
 )
 from router.index import pick_shard
 from router.shm import ShmTopicIndex
@@ -46,6 +46,12 @@ log = logging.getLogger("shoal.hostlink")
 
 HEARTBEAT = 1.0
 TAKEOVER_TIMEOUT = 10.0
+# A publisher's PUBACK waits at most this long for a shard that is down (restarting):
+# past it the ack goes out anyway rather than stall the publisher's flow forever.
+DURABLE_TIMEOUT = 10.0
+# Only shards that are up, or went down less than this long ago (supervisord restarts a
+# killed shard in a second or two), are waited for: a stopped shard is not.
+RESTART_GRACE = 5.0
 ROUTER_WAIT = 30.0  # supervisord starts the router first but does not wait for it
 MATCH_CACHE_MAX = 65536
 
@@ -125,7 +131,10 @@ class RouterHost:
         self.run_dir = run_dir
         self.shard: Shard | None = None
         self.topic_index = ShmTopicIndex.attach(welcome.tag)
-        self.bus = Bus(index, run_dir, self.on_frame)
+        self.bus = Bus(index, run_dir, self.on_frame, on_peer=self._on_peer)
+        # when each peer was last seen going down (all "down" until they say hello)
+        self._down_since: dict[int, float] = {j: loop.time() for j in range(welcome.workers)
+                                              if j != index}
         self.control: ControlClient | None = None
         self._seq = itertools.count(1)
         self._acks: dict[int, Continue] = {}
@@ -142,6 +151,11 @@ class RouterHost:
         self.on_router_lost: Callable[[], None] = lambda: None
         self.sys_stats: dict[str, Any] | None = None
         self.closing = False
+        # msg id -> [shards still to confirm, continuation or None, deadline]
+        self._durable: dict[int, list[Any]] = {}
+        # per peer: ids of its QoS 1/2 messages to confirm after our next commit
+        self._to_confirm: dict[int, list[int]] = {}
+        self.on_pending: Callable[[], None] = lambda: None
 
     async def start(self, shard: Shard) -> None:
         self.shard = shard
@@ -197,6 +211,9 @@ class RouterHost:
                 self._ask_takeover(prev, cid, clean, then)
         elif op == "sys":
             self.sys_stats = msg["stats"]
+        elif op == "disown" and self.shard is not None:
+            for cid in msg["cids"]:
+                self.shard.disown(cid, now)
 
     def _heartbeat(self) -> None:
         shard = self.shard
@@ -204,6 +221,7 @@ class RouterHost:
             return
         now = self.loop.time()
         self._send({"op": "hb", "stats": shard.stats(now)})
+        self._expire_durable(now)
         self.loop.call_later(HEARTBEAT, self._heartbeat)
 
     # -- Host port -------------------------------------------------------------------------
@@ -249,8 +267,73 @@ class RouterHost:
                 self._fan_out(store_only, PUBLISH, body)
         if not mask:
             return 0
+        if msg.qos:
+            n = mask.bit_count()
+            wait = self._waitable(mask)
+            if wait:
+                self._durable[msg.id] = [wait, None, self.loop.time() + DURABLE_TIMEOUT]
+            self._fan_out(mask, PUBLISH, message_to_bytes(msg, FLAG_ACK))
+            return n
         self._fan_out(mask, PUBLISH, message_to_bytes(msg))
         return mask.bit_count()
+
+    def _on_peer(self, peer: int, hello: object | None) -> None:
+        if hello is None:
+            self._down_since[peer] = self.loop.time()
+        else:
+            self._down_since.pop(peer, None)
+
+    def _waitable(self, mask: int) -> int:
+        """How many of ``mask``'s shards will confirm soon: up, or restarting."""
+        down = self._down_since
+        if not down:
+            return mask.bit_count()
+        now = self.loop.time()
+        n = 0
+        while mask:
+            low = mask & -mask
+            j = low.bit_length() - 1
+            since = down.get(j)
+            if since is None or now - since < RESTART_GRACE:
+                n += 1
+            mask ^= low
+        return n
+
+    def when_durable(self, msg_id: int, then: Continue, now: float) -> None:
+        entry = self._durable.get(msg_id)
+        if entry is None:
+            then(now)  # nothing forwarded: our own commit precedes the ack's write
+        else:
+            entry[1] = then
+
+    def committed(self) -> None:
+        if not self._to_confirm:
+            return
+        pending, self._to_confirm = self._to_confirm, {}
+        for peer, ids in pending.items():
+            self._bus_control(peer, {"op": "durable", "ids": ids})
+
+    def _confirmed(self, ids: list[int], now: float) -> None:
+        durable = self._durable
+        for msg_id in ids:
+            entry = durable.get(msg_id)
+            if entry is None:
+                continue
+            entry[0] -= 1
+            if entry[0] <= 0:
+                del durable[msg_id]
+                if entry[1] is not None:
+                    entry[1](now)
+
+    def _expire_durable(self, now: float) -> None:
+        late = [msg_id for msg_id, entry in self._durable.items() if entry[2] <= now]
+        if late:
+            log.warning("%d forwarded QoS>0 messages unconfirmed after %.0fs (a shard is down?): "
+                        "acknowledging them anyway", len(late), DURABLE_TIMEOUT)
+        for msg_id in late:
+            entry = self._durable.pop(msg_id)
+            if entry[1] is not None:
+                entry[1](now)
 
     def _fan_out(self, mask: int, ftype: int, body: bytes) -> None:
         send = self.bus.send
@@ -303,6 +386,13 @@ class RouterHost:
         if ftype == PUBLISH:
             msg, flags, _ = message_from_frame(body, now)
             shard.received(msg, not flags & FLAG_RETAIN_ONLY, now)
+            if flags & FLAG_ACK:
+                ids = self._to_confirm.get(peer)
+                if ids is None:
+                    self._to_confirm[peer] = [msg.id]
+                    self.on_pending()  # a commit (and the confirmation) this loop turn
+                else:
+                    ids.append(msg.id)
             return
         if ftype != CONTROL:
             return
@@ -338,3 +428,5 @@ class RouterHost:
             self._bus_control(peer, {"op": "relay_done", "cid": cid})
         elif op == "relay_done":
             shard.relay_ended(cid)
+        elif op == "durable":
+            self._confirmed(msg["ids"], now)

@@ -424,6 +424,14 @@ class Shard:
         session.subscriptions = {}
         return state
 
+    def disown(self, client_id: str, now: float) -> None:
+        """A restored session that another shard has taken up since: a stale copy."""
+        session = self.sessions.get(client_id)
+        if session is not None and session.link is None:
+            log.info("dropping stale session %r: it lives on another shard now", client_id)
+            session.will = None
+            self._end_session(session, now, release=False)
+
     def drop_relay(self, client_id: str) -> None:
         subs = self._relays.pop(client_id, None)
         if not subs:
@@ -519,7 +527,7 @@ class Shard:
             inbound = session.inbound_qos2
             if p.packet_id in inbound:
                 # a re-sent QoS 2 PUBLISH we already routed: acknowledge again only [MQTT-4.3.3-9]
-                link.conn.send(Pubrec(p.packet_id))
+                link.conn.send_ack(Pubrec(p.packet_id))
                 link.wake()
                 return
             inbound.add(p.packet_id)
@@ -528,15 +536,25 @@ class Shard:
                                    next(self._msg_ids))
         reached = self.route(msg, now)
         if qos:
-            self._ack(link, p, Reason.SUCCESS if reached or not v5 else Reason.NO_MATCHING_SUBSCRIBERS)
+            reason = Reason.SUCCESS if reached or not v5 else Reason.NO_MATCHING_SUBSCRIBERS
+            ack = Puback(p.packet_id, reason) if qos == 1 else Pubrec(p.packet_id, reason)
+            conn = link.conn
+            cell = conn.reserve_ack()
+
+            def durable(later: float) -> None:
+                conn.release_ack(cell, ack)
+                link.wake()
+
+            # the ack promises the message is kept: wait for the shards it went to
+            self.host.when_durable(msg.id, durable, now)
 
     def _ack(self, link: Link, p: Publish, reason: int, why: str = "") -> None:
         # the connection strips the reason string if the client asked for no problem info
         props = {Prop.REASON_STRING: why} if why and reason >= 0x80 else None
         if p.qos == 1:
-            link.conn.send(Puback(p.packet_id, reason, props))
+            link.conn.send_ack(Puback(p.packet_id, reason, props))
         elif p.qos == 2:
-            link.conn.send(Pubrec(p.packet_id, reason, props))
+            link.conn.send_ack(Pubrec(p.packet_id, reason, props))
         link.wake()
 
     def route(self, msg: Message, now: float) -> int:

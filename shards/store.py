@@ -32,6 +32,7 @@ import logging
 import os
 import sqlite3
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -86,33 +87,41 @@ class Store:
         self.dirty = False
         self.commits = 0
         self.closed = False
+        # called the first time a batch gets dirty: the worker commits at the end of
+        # this loop turn even when the turn writes nothing to any client
+        self.on_dirty: Callable[[], None] = lambda: None
 
     # -- the journal (hot path: a dict write each) ------------------------------------
 
+    def _touch(self) -> None:
+        if not self.dirty:
+            self.dirty = True
+            self.on_dirty()
+
     def session_changed(self, session: Session) -> None:
         self._sessions[session.client_id] = session
-        self.dirty = True
+        self._touch()
 
     def session_gone(self, client_id: str) -> None:
         self._sessions[client_id] = None
         # rows journaled for the old session must not outlive its deletion
         for key in [k for k in self._messages if k[0] == client_id]:
             del self._messages[key]
-        self.dirty = True
+        self._touch()
 
     def put(self, client_id: str, msg: Message, state: int, pid: int, qos: int, retain: bool,
             sub_ids: tuple[int, ...]) -> None:
         self._ord += 1
         self._messages[(client_id, msg.id)] = (msg, self._ord, state, pid, qos, retain, sub_ids)
-        self.dirty = True
+        self._touch()
 
     def delete(self, client_id: str, msg: Message) -> None:
         self._messages[(client_id, msg.id)] = None
-        self.dirty = True
+        self._touch()
 
     def retained_set(self, msg: Message) -> None:
         self._retained[msg.topic] = msg if msg.payload else None
-        self.dirty = True
+        self._touch()
 
     # -- commit ----------------------------------------------------------------------------
 

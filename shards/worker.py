@@ -151,6 +151,7 @@ class Worker:
         self.store = Store(cfg.runtime.data_dir, index)
         self.shard.store = self.store
         self.shard.restore(loop.time())
+        self.store.on_dirty = self.schedule_flush
         self.links: set[ClientProtocol] = set()
         self.dirty: list[ClientProtocol] = []
         self._flush_scheduled = False
@@ -168,6 +169,7 @@ class Worker:
         self._flush_scheduled = False
         # durable first: an ack written below may promise what the store now holds
         self.store.commit()
+        self.shard.host.committed()
         dirty = self.dirty
         self.dirty = []
         out = 0
@@ -200,6 +202,7 @@ class Worker:
         self.shard.note_bytes(self.bytes_in, self.bytes_out)
         self.shard.tick(now)
         self.store.commit()  # changes that produced no output (offline queues, expiries)
+        self.shard.host.committed()
         if not self.stopping.is_set():
             self.loop.call_later(TICK, self.tick)
 
@@ -301,6 +304,7 @@ async def serve_sharded(cfg: Config, index: int, welcome: Welcome, run_dir: str)
     loop = asyncio.get_running_loop()
     host = RouterHost(index, welcome, run_dir, loop)
     worker = Worker(cfg, loop, index, host)
+    host.on_pending = worker.schedule_flush
     shard = worker.shard
     # shard 0 publishes the host-wide $SYS numbers the router sums up
     shard.sys_stats = (lambda now: host.sys_stats or shard.stats(now)) if index == 0 else None

@@ -26,6 +26,7 @@ place that turns it into a CONNACK (before the session exists) or a DISCONNECT
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 from shards.protocol.codec import connect_protocol_level, decode, encode, encode_publish
@@ -55,6 +56,7 @@ class MQTTConnection:
         "state", "version", "keepalive", "last_rx", "connect_deadline", "reader", "_out",
         "receive_maximum", "_pending_in", "topic_alias_maximum", "_alias_in",
         "client_max_packet", "client_alias_max", "_alias_out", "problem_info", "client_id",
+        "_acks",
     )
 
     def __init__(self, now: float, *, max_packet_size: int = MQTT_MAX_PACKET,
@@ -76,6 +78,8 @@ class MQTTConnection:
         self._alias_out: dict[str, int] = {}
         self.problem_info = True
         self.client_id = ""
+        # PUBACK/PUBREC cells in PUBLISH order, while some of them wait [MQTT-4.6.0-2]
+        self._acks: deque[list[Packet | None]] | None = None
 
     # -- input -------------------------------------------------------------
 
@@ -192,6 +196,28 @@ class MQTTConnection:
             if len(data) > self.client_max_packet:
                 return
         self._write(data)
+
+    def reserve_ack(self) -> list[Packet | None]:
+        """A place in the acknowledgement order for an ack decided later."""
+        cell: list[Packet | None] = [None]
+        if self._acks is None:
+            self._acks = deque()
+        self._acks.append(cell)
+        return cell
+
+    def release_ack(self, cell: list[Packet | None], packet: Packet) -> None:
+        """Fill a reserved place; every ack at the head of the order goes out."""
+        cell[0] = packet
+        acks = self._acks
+        while acks and acks[0][0] is not None:
+            self.send(acks.popleft()[0])  # type: ignore[arg-type]
+
+    def send_ack(self, packet: Packet) -> None:
+        """An ack decided now: behind any that wait, or straight out."""
+        if self._acks:
+            self.release_ack(self.reserve_ack(), packet)
+        else:
+            self.send(packet)
 
     def send_publish(self, topic: str, payload: bytes, qos: int, retain: bool, packet_id: int,
                      props: Properties | None, dup: bool = False) -> bool:

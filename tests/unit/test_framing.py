@@ -256,7 +256,7 @@ def test_publish_no_expiry_is_none_not_zero() -> None:
 
 
 @pytest.mark.parametrize("kw", [
-    dict(qos=3), dict(qos=-1), dict(flags=4), dict(flags=FLAG_SHARED),  # shared needs a group
+    dict(qos=3), dict(qos=-1), dict(flags=8), dict(flags=FLAG_SHARED),  # shared needs a group
     dict(group="g"),  # a group needs FLAG_SHARED
     dict(topic="t" * 65536), dict(origin="o" * 65536), dict(msg_id=-1), dict(msg_id=2**64),
     dict(topic="\ud800"),  # a lone surrogate has no UTF-8 form
