@@ -95,7 +95,7 @@ class Shard:
             link.conn.send(Pingresp())
             link.wake()
         elif ptype == DISCONNECT:
-            self._disconnect(link, packet)  # type: ignore[arg-type]
+            self._disconnect(link, packet, now)  # type: ignore[arg-type]
         elif ptype == AUTH:
             # Enhanced authentication is not offered, so a client may not send AUTH [MQTT-4.12.0-1]
             raise ProtocolError(Reason.PROTOCOL_ERROR, "AUTH without an authentication method")
@@ -268,10 +268,15 @@ class Shard:
         assert old is not None
         log.info("session %r taken over (was %s)", session.client_id, old.peer)
         old.conn.disconnect(Reason.SESSION_TAKEN_OVER)
-        old.close()
-        self._detach(session, old, now)
+        self.end_link(old, now)
 
     # -- connection loss, will, session expiry ----------------------------------------------
+
+    def end_link(self, link: Link, now: float) -> None:
+        """The broker closes ``link``: its session lets go of it now, not when the transport
+        reports the close, so nothing routed meanwhile is written to a dead connection."""
+        link.close()
+        self.connection_lost(link, now)
 
     def connection_lost(self, link: Link, now: float) -> None:
         session = link.session
@@ -539,6 +544,10 @@ class Shard:
             reason = Reason.SUCCESS if reached or not v5 else Reason.NO_MATCHING_SUBSCRIBERS
             ack = Puback(p.packet_id, reason) if qos == 1 else Pubrec(p.packet_id, reason)
             conn = link.conn
+            if not self.host.awaiting(msg.id):
+                conn.send_ack(ack)
+                link.wake()
+                return
             cell = conn.reserve_ack()
 
             def durable(later: float) -> None:
@@ -571,6 +580,8 @@ class Shard:
 
     def deliver_local(self, msg: Message, now: float) -> int:
         targets, groups = self.trie.match(msg.topic)
+        if len(targets) + len(groups) > 1 and msg.encoded is None:
+            msg.encoded = {}  # a fan-out: encode once per (version, qos, retain)
         origin = msg.origin
         qos = msg.qos
         retain = msg.retain
@@ -716,7 +727,7 @@ class Shard:
 
     # -- DISCONNECT ---------------------------------------------------------------------
 
-    def _disconnect(self, link: Link, p: Disconnect) -> None:
+    def _disconnect(self, link: Link, p: Disconnect, now: float) -> None:
         session = link.session
         assert session is not None
         expiry = p.props.get(Prop.SESSION_EXPIRY_INTERVAL) if p.props else None
@@ -728,7 +739,7 @@ class Shard:
             self._set_journal(session)
         link.disconnected_cleanly = p.reason_code != Reason.DISCONNECT_WITH_WILL
         link.conn.disconnect(Reason.SUCCESS)  # no reply on the wire: a client DISCONNECT is final
-        link.close()
+        self.end_link(link, now)
 
     # -- time ---------------------------------------------------------------------------
 

@@ -98,7 +98,7 @@ class ClientProtocol(asyncio.Protocol):
             log.info("protocol error from %s (%r): 0x%02X %s", self.peer, conn.client_id,
                      err.reason, err.message)
             conn.fail(err)
-            self.close()
+            shard.end_link(self, now)
         finally:
             self._processing = False
         if conn.has_output():
@@ -198,7 +198,7 @@ class Worker:
             else:
                 log.info("no CONNECT from %s within %.1fs", link.peer, self.cfg.mqtt.connect_timeout)
                 link.conn.state = CLOSED
-            link.close()
+            self.shard.end_link(link, now)
         self.shard.note_bytes(self.bytes_in, self.bytes_out)
         self.shard.tick(now)
         self.store.commit()  # changes that produced no output (offline queues, expiries)
@@ -233,9 +233,10 @@ class Worker:
         """Stop accepting, tell v5 clients 0x8B, flush, close — within the deadline."""
         for server in self.servers:
             server.close()
+        now = self.loop.time()
         for link in list(self.links):
             link.conn.disconnect(Reason.SERVER_SHUTTING_DOWN)
-            link.close()
+            self.shard.end_link(link, now)
         self.flush()
         deadline = self.loop.time() + SHUTDOWN_DEADLINE
         while self.links and self.loop.time() < deadline:

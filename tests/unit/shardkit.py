@@ -52,7 +52,7 @@ class FakeLink:
         except ProtocolError as err:
             self.error = err
             self.conn.fail(err)
-            self.closed = True
+            self.shard.end_link(self, now)
 
     def received(self) -> list[Packet]:
         """Everything the broker wrote to this client since the last call."""

@@ -430,3 +430,17 @@ def test_version_is_per_session_v5_props_not_sent_to_v311() -> None:
     pub.send(Publish("p", b"x", props={Prop.USER_PROPERTY: [("k", "v")]}))
     got = publishes(old.received())
     assert got[0].props == {}
+
+
+def test_messages_routed_after_disconnect_before_transport_close_are_queued() -> None:
+    """The session lets go of a link the moment the broker ends it: a message routed
+    before the transport reports the close is queued, not written to a dead connection."""
+    shard = make_shard()
+    sub = connect(shard, "s", props={Prop.SESSION_EXPIRY_INTERVAL: 300})
+    subscribe(sub, "g", qos=1)
+    sub.send(Disconnect())  # no sub.drop(): connection_lost has not arrived yet
+    pub = connect(shard, "p")
+    for k in range(3):
+        pub.send(Publish("g", b"q%d" % k, qos=1, packet_id=k + 1))
+    again = connect(shard, "s", clean_start=False, props={Prop.SESSION_EXPIRY_INTERVAL: 0})
+    assert [p.payload for p in publishes(again.received())] == [b"q0", b"q1", b"q2"]
