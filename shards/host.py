@@ -56,6 +56,9 @@ class Host(Protocol):
               sub_ids: tuple[int, ...]) -> None:
         """Deliver to a session that just moved to ``shard``."""
 
+    def awaiting(self, msg_id: int) -> bool:
+        """Whether other shards have yet to confirm storing ``msg_id``."""
+
     def when_durable(self, msg_id: int, then: Continue, now: float) -> None:
         """``then(now)`` once every shard ``msg_id`` was forwarded to has stored it."""
 
@@ -92,6 +95,9 @@ class LocalHost:
     def relay(self, shard: int, client_id: str, msg: Message, qos: int, retain: bool,
               sub_ids: tuple[int, ...]) -> None:
         raise RuntimeError("a one-shard host has no other shard to relay to")
+
+    def awaiting(self, msg_id: int) -> bool:
+        return False
 
     def when_durable(self, msg_id: int, then: Continue, now: float) -> None:
         then(now)

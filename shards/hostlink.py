@@ -299,6 +299,9 @@ class RouterHost:
             mask ^= low
         return n
 
+    def awaiting(self, msg_id: int) -> bool:
+        return msg_id in self._durable
+
     def when_durable(self, msg_id: int, then: Continue, now: float) -> None:
         entry = self._durable.get(msg_id)
         if entry is None:

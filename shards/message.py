@@ -21,7 +21,7 @@ _HOP_PROPS = (Prop.TOPIC_ALIAS, Prop.SUBSCRIPTION_IDENTIFIER, Prop.MESSAGE_EXPIR
 
 class Message:
     __slots__ = ("topic", "payload", "qos", "retain", "props", "expires_at", "origin", "created",
-                 "id")
+                 "id", "encoded")
 
     def __init__(self, topic: str, payload: bytes, qos: int, retain: bool, props: Properties | None,
                  expires_at: float | None, origin: str, created: float, msg_id: int = 0) -> None:
@@ -36,6 +36,9 @@ class Message:
         # host-wide unique (the publishing shard's index in the high bits): used to
         # pick one shard per shared group and to drop duplicates during a takeover
         self.id = msg_id
+        # encodings shared by the deliveries of a fan-out, keyed by (version, qos, retain,
+        # dup); only set up when a message has more than one target
+        self.encoded: dict[tuple[int, int, bool, bool], tuple[bytes, bytes | None]] | None = None
 
     @classmethod
     def from_publish(cls, topic: str, payload: bytes, qos: int, retain: bool, props: Properties,

@@ -124,8 +124,9 @@ class Session:
             if link.congested:
                 self.counters.dropped += 1
                 return
-            if link.conn.send_publish(msg.topic, msg.payload, 0, retain, 0,
-                                      self._props(msg, sub_ids, now)):
+            props = self._props(msg, sub_ids, now)
+            if link.conn.send_publish(msg.topic, msg.payload, 0, retain, 0, props, False,
+                                      msg.encoded if props is msg.props else None):
                 self.counters.publish_sent += 1
             else:
                 self.counters.dropped += 1
@@ -153,8 +154,9 @@ class Session:
                   now: float) -> None:
         pid = self._allocate_pid()
         journal = self.journal
-        if link.conn.send_publish(msg.topic, msg.payload, qos, retain, pid,
-                                  self._props(msg, sub_ids, now)):
+        props = self._props(msg, sub_ids, now)
+        if link.conn.send_publish(msg.topic, msg.payload, qos, retain, pid, props, False,
+                                  msg.encoded if props is msg.props else None):
             self.inflight[pid] = Inflight(msg, qos, retain, sub_ids)
             self.counters.publish_sent += 1
             if journal is not None:

@@ -29,7 +29,9 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from shards.protocol.codec import connect_protocol_level, decode, encode, encode_publish
+from shards.protocol.codec import (
+    connect_protocol_level, decode, encode, encode_properties, encode_publish,
+)
 from shards.protocol.errors import ProtocolError, Reason
 from shards.protocol.packets import (
     AUTH, CONNACK, CONNECT, DISCONNECT, MQTT_5, MQTT_31, MQTT_311, PINGRESP, PUBACK, PUBCOMP, PUBLISH, PUBREC,
@@ -48,6 +50,7 @@ _SERVER_ONLY = frozenset({CONNACK, SUBACK, UNSUBACK, PINGRESP})
 # string or user properties [MQTT-3.1.2-29].
 _PROBLEM_INFO_EXEMPT = frozenset({CONNACK, PUBLISH, DISCONNECT})
 _LEVELS = frozenset({MQTT_31, MQTT_311, MQTT_5})
+_PIDS = [i.to_bytes(2, "big") for i in range(256)]
 MQTT_MAX_PACKET = 268435460  # 1 + 4 + 268435455
 
 
@@ -220,12 +223,47 @@ class MQTTConnection:
             self.send(packet)
 
     def send_publish(self, topic: str, payload: bytes, qos: int, retain: bool, packet_id: int,
-                     props: Properties | None, dup: bool = False) -> bool:
+                     props: Properties | None, dup: bool = False,
+                     shared: dict[tuple[int, int, bool, bool], tuple[bytes, bytes | None]] | None = None,
+                     ) -> bool:
         """Encode one delivery. False if it exceeds the client's maximum packet size
-        (then it is dropped as if sent [MQTT-3.1.2-25])."""
+        (then it is dropped as if sent [MQTT-3.1.2-25]).
+
+        ``shared`` is a fan-out's encoding cache: every connection of the same version
+        writes the same bytes but for the packet id, so the packet is encoded once and
+        queued as (head, packet id, tail) chunks that the flush joins anyway. Not used
+        with outbound topic aliases, which differ per connection.
+        """
         if self.state != CONNECTED:
             return False
         version = self.version
+        if shared is not None and not (version == MQTT_5 and self.client_alias_max):
+            key = (version, qos, retain, dup)
+            entry = shared.get(key)
+            if entry is None:
+                data = encode_publish(topic, payload, qos, retain, dup, 1 if qos else 0,
+                                      props if version == MQTT_5 else None, version)
+                if qos:
+                    # fixed header, topic, then the packet id to patch per connection
+                    at = len(data) - len(payload) - (
+                        len(encode_properties(props)) if version == MQTT_5 else 0) - 2
+                    entry = (data[:at], data[at + 2:])
+                else:
+                    entry = (data, None)
+                shared[key] = entry
+            head, tail = entry
+            out = self._out
+            if tail is None:
+                if len(head) > self.client_max_packet:
+                    return False
+                out.append(head)
+            else:
+                if len(head) + 2 + len(tail) > self.client_max_packet:
+                    return False
+                out.append(head)
+                out.append(_PIDS[packet_id] if packet_id < 256 else packet_id.to_bytes(2, "big"))
+                out.append(tail)
+            return True
         if version != MQTT_5:
             data = encode_publish(topic, payload, qos, retain, dup, packet_id, None, version)
         elif not self.client_alias_max:
