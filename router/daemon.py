@@ -113,6 +113,7 @@ class Router:
         self._last_missing_report = 0.0
         self.started = loop.time()
         self.mismatches: list[str] = []
+        self._claims = 0
 
     # -- life cycle ---------------------------------------------------------------
 
@@ -200,10 +201,13 @@ class Router:
             self.workers = n
             self._make_listeners(n)
         elif n != self.workers:
+            # refused: accepting it would hand it a running shard's socket and index
             msg = (f"shard {k} (pid {pid}) was started for {n} workers but this router runs "
                    f"{self.workers}: restart the whole broker after changing numprocs")
-            log.error("worker count mismatch: %s", msg)
+            log.error("worker count mismatch, refusing the shard: %s", msg)
             self.mismatches.append(msg)
+            conn.close()
+            return
         if not 0 <= k < self.workers:
             log.error("refusing shard %d: only %d workers are configured", k, self.workers)
             conn.close()
@@ -249,7 +253,10 @@ class Router:
             cid = msg["cid"]
             prev = self.registry.get(cid, -1)
             self.registry[cid] = slot.index
-            self._send(slot, {"op": "claimed", "seq": msg["seq"],
+            # claims are numbered in the one order every shard must respect: of two
+            # racing CONNECTs for one id, the later claim wins
+            self._claims += 1
+            self._send(slot, {"op": "claimed", "seq": msg["seq"], "n": self._claims,
                               "prev": prev if prev != slot.index else -1})
         elif op == "own":
             # a restarted shard's stored sessions: those claimed elsewhere meanwhile are

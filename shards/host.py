@@ -37,6 +37,9 @@ class Host(Protocol):
     def released(self, client_id: str) -> None:
         """The session ended here: the id has no owner any more."""
 
+    def claim_done(self, client_id: str) -> None:
+        """The CONNECTs for ``client_id`` in progress here are all answered."""
+
     def adopted(self, client_id: str) -> None:
         """A session received from another shard is in place, index keys included."""
 
@@ -75,6 +78,9 @@ class LocalHost:
         then(None, now)
 
     def released(self, client_id: str) -> None:
+        pass
+
+    def claim_done(self, client_id: str) -> None:
         pass
 
     def adopted(self, client_id: str) -> None:

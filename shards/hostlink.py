@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from collections import deque
 import itertools
 import logging
 import os
@@ -52,6 +53,9 @@ DURABLE_TIMEOUT = 10.0
 # Only shards that are up, or went down less than this long ago (supervisord restarts a
 # killed shard in a second or two), are waited for: a stopped shard is not.
 RESTART_GRACE = 5.0
+# Message ids remembered to drop re-sent duplicates; a peer re-sends at most what was
+# unconfirmed when we went down, far fewer than this.
+SEEN_MAX = 65536
 ROUTER_WAIT = 30.0  # supervisord starts the router first but does not wait for it
 MATCH_CACHE_MAX = 65536
 
@@ -139,6 +143,10 @@ class RouterHost:
         self._seq = itertools.count(1)
         self._acks: dict[int, Continue] = {}
         self._claims: dict[int, tuple[str, bool, Claimed]] = {}
+        # client id -> the router's number for our CONNECT in progress (None: not known yet)
+        self._my_claim: dict[str, int | None] = {}
+        # takeover requests waiting to learn that number: client id -> [(peer, msg)]
+        self._held: dict[str, list[tuple[int, dict[str, Any]]]] = {}
         self._takeovers: dict[tuple[str, int], tuple[Claimed, asyncio.TimerHandle]] = {}
         self._gave_to: dict[str, int] = {}  # client id -> shard it moved to (relay running)
         self._got_from: dict[str, int] = {}  # client id -> shard it came from
@@ -151,8 +159,12 @@ class RouterHost:
         self.on_router_lost: Callable[[], None] = lambda: None
         self.sys_stats: dict[str, Any] | None = None
         self.closing = False
-        # msg id -> [shards still to confirm, continuation or None, deadline]
+        # msg id -> [mask of shards still to confirm, continuation or None, deadline, frame]
         self._durable: dict[int, list[Any]] = {}
+        # ids of confirmed-delivery frames already handled: a frame re-sent after a peer
+        # restart may arrive twice, and QoS 2 must not be delivered twice
+        self._seen: set[int] = set()
+        self._seen_order: deque[int] = deque()
         # per peer: ids of its QoS 1/2 messages to confirm after our next commit
         self._to_confirm: dict[int, list[int]] = {}
         self.on_pending: Callable[[], None] = lambda: None
@@ -183,14 +195,14 @@ class RouterHost:
 
     def router_lost(self) -> None:
         if not self.closing:
-            log.error("lost the router connection; shard %d stops", self.index)
             self.on_router_lost()
 
     # -- router control ------------------------------------------------------------------
 
     def _send(self, msg: dict[str, Any]) -> None:
-        if self.control is not None and self.control.transport is not None:
-            self.control.transport.write(encode_frame(CONTROL, encode_control(msg)))
+        control = self.control
+        if control is not None and control.transport is not None and not control.transport.is_closing():
+            control.transport.write(encode_frame(CONTROL, encode_control(msg)))
 
     def on_router(self, msg: dict[str, Any]) -> None:
         op = msg.get("op")
@@ -205,10 +217,14 @@ class RouterHost:
                 return
             cid, clean, then = entry
             prev = msg["prev"]
+            if cid in self._my_claim:
+                self._my_claim[cid] = msg["n"]
             if prev < 0 or prev == self.index:
                 then(None, now)
             else:
-                self._ask_takeover(prev, cid, clean, then)
+                self._ask_takeover(prev, cid, clean, then, msg["n"])
+            for peer, request in self._held.pop(cid, ()):
+                self._takeover_request(peer, request, now)
         elif op == "sys":
             self.sys_stats = msg["stats"]
         elif op == "disown" and self.shard is not None:
@@ -229,7 +245,11 @@ class RouterHost:
     def claim(self, client_id: str, clean_start: bool, then: Claimed, now: float) -> None:
         seq = next(self._seq)
         self._claims[seq] = (client_id, clean_start, then)
+        self._my_claim[client_id] = None
         self._send({"op": "claim", "seq": seq, "cid": client_id})
+
+    def claim_done(self, client_id: str) -> None:
+        self._my_claim.pop(client_id, None)
 
     def released(self, client_id: str) -> None:
         self._send({"op": "release", "cid": client_id})
@@ -268,39 +288,55 @@ class RouterHost:
         if not mask:
             return 0
         if msg.qos:
-            n = mask.bit_count()
+            body = message_to_bytes(msg, FLAG_ACK)
             wait = self._waitable(mask)
             if wait:
-                self._durable[msg.id] = [wait, None, self.loop.time() + DURABLE_TIMEOUT]
-            self._fan_out(mask, PUBLISH, message_to_bytes(msg, FLAG_ACK))
-            return n
+                self._durable[msg.id] = [wait, None, self.loop.time() + DURABLE_TIMEOUT, body]
+            self._fan_out(mask, PUBLISH, body)
+            return mask.bit_count()
         self._fan_out(mask, PUBLISH, message_to_bytes(msg))
         return mask.bit_count()
 
     def _on_peer(self, peer: int, hello: object | None) -> None:
-        if hello is None:
-            self._down_since[peer] = self.loop.time()
-        else:
+        if hello is not None:
             self._down_since.pop(peer, None)
+            return
+        self._down_since[peer] = self.loop.time()
+        # frames handed to the dead connection are lost: queue every unconfirmed one
+        # again; the bus holds them for the peer's next incarnation, which confirms them
+        bit = 1 << peer
+        for entry in self._durable.values():
+            if entry[0] & bit:
+                self.bus.send(peer, PUBLISH, entry[3])
 
     def _waitable(self, mask: int) -> int:
-        """How many of ``mask``'s shards will confirm soon: up, or restarting."""
+        """The shards of ``mask`` that will confirm soon: up, or restarting."""
         down = self._down_since
         if not down:
-            return mask.bit_count()
+            return mask
         now = self.loop.time()
-        n = 0
-        while mask:
-            low = mask & -mask
-            j = low.bit_length() - 1
-            since = down.get(j)
-            if since is None or now - since < RESTART_GRACE:
-                n += 1
-            mask ^= low
-        return n
+        for j, since in down.items():
+            if now - since >= RESTART_GRACE:
+                mask &= ~(1 << j)
+        return mask
 
     def awaiting(self, msg_id: int) -> bool:
         return msg_id in self._durable
+
+    def _remember(self, msg_id: int) -> None:
+        self._seen.add(msg_id)
+        order = self._seen_order
+        order.append(msg_id)
+        if len(order) > SEEN_MAX:
+            self._seen.discard(order.popleft())
+
+    def _confirm_later(self, peer: int, msg_id: int) -> None:
+        ids = self._to_confirm.get(peer)
+        if ids is None:
+            self._to_confirm[peer] = [msg_id]
+            self.on_pending()
+        else:
+            ids.append(msg_id)
 
     def when_durable(self, msg_id: int, then: Continue, now: float) -> None:
         entry = self._durable.get(msg_id)
@@ -316,23 +352,30 @@ class RouterHost:
         for peer, ids in pending.items():
             self._bus_control(peer, {"op": "durable", "ids": ids})
 
-    def _confirmed(self, ids: list[int], now: float) -> None:
+    def _confirmed(self, peer: int, ids: list[int], now: float) -> None:
         durable = self._durable
+        clear = ~(1 << peer)
         for msg_id in ids:
             entry = durable.get(msg_id)
             if entry is None:
                 continue
-            entry[0] -= 1
-            if entry[0] <= 0:
+            entry[0] &= clear
+            if not entry[0]:
                 del durable[msg_id]
                 if entry[1] is not None:
                     entry[1](now)
 
     def _expire_durable(self, now: float) -> None:
-        late = [msg_id for msg_id, entry in self._durable.items() if entry[2] <= now]
+        """Stop waiting for shards that stayed down past the restart grace, and for anything
+        past the deadline: a stopped shard must not stall publishers on the others."""
+        late = []
+        for msg_id, entry in self._durable.items():
+            entry[0] = self._waitable(entry[0])
+            if not entry[0] or entry[2] <= now:
+                late.append(msg_id)
         if late:
-            log.warning("%d forwarded QoS>0 messages unconfirmed after %.0fs (a shard is down?): "
-                        "acknowledging them anyway", len(late), DURABLE_TIMEOUT)
+            log.warning("%d forwarded QoS>0 messages not confirmed by a shard that is down: "
+                        "acknowledging them to their publishers anyway", len(late))
         for msg_id in late:
             entry = self._durable.pop(msg_id)
             if entry[1] is not None:
@@ -367,7 +410,7 @@ class RouterHost:
     def _bus_control(self, peer: int, msg: dict[str, Any]) -> None:
         self.bus.send(peer, CONTROL, encode_control(msg))
 
-    def _ask_takeover(self, prev: int, cid: str, clean: bool, then: Claimed) -> None:
+    def _ask_takeover(self, prev: int, cid: str, clean: bool, then: Claimed, n: int) -> None:
         seq = next(self._seq)
 
         def timed_out() -> None:
@@ -379,7 +422,27 @@ class RouterHost:
 
         timer = self.loop.call_later(TAKEOVER_TIMEOUT, timed_out)
         self._takeovers[(cid, seq)] = (then, timer)
-        self._bus_control(prev, {"op": "takeover", "cid": cid, "clean": clean, "seq": seq})
+        self._bus_control(prev, {"op": "takeover", "cid": cid, "clean": clean, "seq": seq, "n": n})
+
+    def _takeover_request(self, peer: int, msg: dict[str, Any], now: float) -> None:
+        """Hand our session for ``cid`` to ``peer``, respecting the router's claim order."""
+        shard = self.shard
+        assert shard is not None
+        cid = msg["cid"]
+        mine = self._my_claim.get(cid, -1)
+        if mine is None:
+            # our own CONNECT's claim number is on its way: only it tells who came first
+            self._held.setdefault(cid, []).append((peer, msg))
+            return
+        seq = msg["seq"]
+
+        def ship(state: dict[str, Any] | None) -> None:
+            if state is not None:
+                self._gave_to[cid] = peer
+            self._bus_control(peer, {"op": "session", "cid": cid, "seq": seq, "state": state})
+
+        earlier = mine is not None and 0 <= mine < msg["n"]
+        shard.give_up(cid, peer, bool(msg["clean"]), now, ship, after_connect=earlier)
 
     def on_frame(self, peer: int, ftype: int, body: bytes | memoryview) -> None:
         shard = self.shard
@@ -388,14 +451,14 @@ class RouterHost:
         now = self.loop.time()
         if ftype == PUBLISH:
             msg, flags, _ = message_from_frame(body, now)
+            if flags & FLAG_ACK:
+                if msg.id in self._seen:
+                    self._confirm_later(peer, msg.id)  # a re-sent copy: confirm, don't deliver
+                    return
+                self._remember(msg.id)
             shard.received(msg, not flags & FLAG_RETAIN_ONLY, now)
             if flags & FLAG_ACK:
-                ids = self._to_confirm.get(peer)
-                if ids is None:
-                    self._to_confirm[peer] = [msg.id]
-                    self.on_pending()  # a commit (and the confirmation) this loop turn
-                else:
-                    ids.append(msg.id)
+                self._confirm_later(peer, msg.id)  # after this turn's commit
             return
         if ftype != CONTROL:
             return
@@ -403,10 +466,7 @@ class RouterHost:
         op = msg.get("op")
         cid = msg.get("cid", "")
         if op == "takeover":
-            state = shard.give_up(cid, peer, bool(msg["clean"]), now)
-            if state is not None:
-                self._gave_to[cid] = peer
-            self._bus_control(peer, {"op": "session", "cid": cid, "seq": msg["seq"], "state": state})
+            self._takeover_request(peer, msg, now)
         elif op == "session":
             entry = self._takeovers.pop((cid, msg["seq"]), None)
             if entry is None:
@@ -432,4 +492,4 @@ class RouterHost:
         elif op == "relay_done":
             shard.relay_ended(cid)
         elif op == "durable":
-            self._confirmed(msg["ids"], now)
+            self._confirmed(peer, msg["ids"], now)

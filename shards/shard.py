@@ -69,6 +69,9 @@ class Shard:
         self._keys: dict[IndexKey, int] = {}
         # sessions that moved to another shard, relayed until its index delta is in
         self._relays: dict[str, list[Subscription]] = {}
+        # client ids with a CONNECT in progress here, and the hand-overs that wait for it
+        self._connecting: dict[str, list[Callable[[float], None]]] = {}
+        self._connecting_count: dict[str, int] = {}
         # the $SYS numbers: this shard's own, or host-wide ones the host supplies
         self.sys_stats: Callable[[float], dict[str, int | float | str]] | None = self.stats
 
@@ -134,6 +137,8 @@ class Shard:
             self._connected(link, p, client_id, assigned, keepalive, expiry, remote, later)
 
         # another shard may hold the session: the host gets it back first
+        self._connecting_count[client_id] = self._connecting_count.get(client_id, 0) + 1
+        self._connecting.setdefault(client_id, [])
         self.host.claim(client_id, p.clean_start, claimed, now)
 
     def _connected(self, link: Link, p: Connect, client_id: str, assigned: str | None,
@@ -159,6 +164,7 @@ class Shard:
                 if session.link is None and session.expires_at is None:
                     session.expires_at = now + session.expiry_interval
                     self._schedule(session.expires_at, _EXPIRE, client_id)
+            self._connect_done(client_id, now)
             return
         session = self.sessions.get(client_id)
         if session is not None and session.link is not None:
@@ -193,7 +199,18 @@ class Shard:
         if session_present:
             session.resume(now)
         link.wake()
+        self._connect_done(client_id, now)
         link.resume(now)
+
+    def _connect_done(self, client_id: str, now: float) -> None:
+        n = self._connecting_count.get(client_id, 0) - 1
+        if n > 0:
+            self._connecting_count[client_id] = n
+            return
+        self._connecting_count.pop(client_id, None)
+        self.host.claim_done(client_id)
+        for handover in self._connecting.pop(client_id, ()):
+            handover(now)
 
     def _check_connect(self, p: Connect) -> tuple[int, str] | None:
         cfg = self.cfg
@@ -398,13 +415,25 @@ class Shard:
 
     # -- sessions moving between shards --------------------------------------------------
 
-    def give_up(self, client_id: str, to_shard: int, clean_start: bool, now: float) -> dict[str, object] | None:
+    def give_up(self, client_id: str, to_shard: int, clean_start: bool, now: float,
+                reply: Callable[[dict[str, object] | None], None], after_connect: bool) -> None:
         """Another shard claimed ``client_id``: close our connection and hand over the session.
 
-        Its subscriptions stay in our trie, relaying to ``to_shard``, until
-        :meth:`drop_relay` (the new shard's index delta is in by then), so no
-        message published in between is lost.
+        ``after_connect``: our own CONNECT for the id was claimed before theirs (the
+        host knows the router's order), so the hand-over waits until it is answered:
+        answering now would let it finish with a fresh session beside the one we ship.
         """
+        waiting = self._connecting.get(client_id) if after_connect else None
+        if waiting is not None:
+            waiting.append(lambda later: reply(self._give_up(client_id, to_shard, clean_start, later)))
+        else:
+            reply(self._give_up(client_id, to_shard, clean_start, now))
+
+    def _give_up(self, client_id: str, to_shard: int, clean_start: bool,
+                 now: float) -> dict[str, object] | None:
+        """Its subscriptions stay in our trie, relaying to ``to_shard``, until
+        :meth:`drop_relay` (the new shard's index delta is in by then), so no
+        message published in between is lost."""
         session = self.sessions.get(client_id)
         if session is None:
             return None

@@ -41,6 +41,7 @@ log = logging.getLogger("shoal.worker")
 # scan of every connection twice a second (about 3 ms for 10k connections).
 TICK = 0.5
 SHUTDOWN_DEADLINE = 10.0  # below supervisor's stopwaitsecs (15 s)
+ROUTER_LOSS_GRACE = 1.0
 PR_SET_PDEATHSIG = 1
 
 
@@ -312,7 +313,17 @@ async def serve_sharded(cfg: Config, index: int, welcome: Welcome, run_dir: str)
     exit_code = 0
 
     def router_lost() -> None:
+        # `supervisorctl stop all` signals router and shards at once, and the router's
+        # close can arrive before our own SIGTERM: wait for it briefly before calling
+        # this a failure (a restarted router makes a new socket group, so shards
+        # restart with it rather than reconnect)
+        loop.call_later(ROUTER_LOSS_GRACE, router_gone)
+
+    def router_gone() -> None:
         nonlocal exit_code
+        if worker.stopping.is_set():
+            return
+        log.error("lost the router connection; shard %d stops", index)
         exit_code = 1
         worker.stopping.set()
 
