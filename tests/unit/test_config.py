@@ -39,7 +39,6 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_no_file_no_env_gives_the_documented_defaults() -> None:
     c = load_config(env={})
     assert c == Config()
-    assert c.broker.workers == 1
     tcp = c.listeners.tcp
     assert (tcp.enabled, tcp.bind, tcp.port, tcp.backlog) == (True, "0.0.0.0", 1883, 1024)
     m = c.mqtt
@@ -100,8 +99,6 @@ def _field(dotted: str) -> dataclasses.Field[object]:
 
 def test_file_values_override_defaults(tmp_path: Path) -> None:
     path = write(tmp_path, """
-        [broker]
-        workers = 4
         [listeners.tcp]
         bind = "127.0.0.1"
         port = 0
@@ -117,7 +114,6 @@ def test_file_values_override_defaults(tmp_path: Path) -> None:
         ready_file = "/tmp/ready.json"
     """.replace("\n        ", "\n"))
     c = load_config(path, env={})
-    assert c.broker.workers == 4
     assert (c.listeners.tcp.bind, c.listeners.tcp.port) == ("127.0.0.1", 0)
     assert c.listeners.tcp.backlog == 1024  # untouched keys keep their defaults
     assert c.mqtt.max_inflight == 10 and c.mqtt.queue_qos0 is False
@@ -153,6 +149,8 @@ def test_unknown_key_in_file_names_key_and_file(tmp_path: Path) -> None:
     ("[listeners.tcp]\nprot = 1\n", "listeners.tcp.prot"),
     ("[listeners.quic]\nport = 1\n", "listeners.quic"),
     ("workers = 2\n", "workers"),
+    # the shard count is numprocs in supervisor.conf's [program:workers], not a key
+    ("[broker]\nworkers = 4\n", "broker"),
 ])
 def test_unknown_sections_and_nested_keys_fail(tmp_path: Path, text: str, key: str) -> None:
     with pytest.raises(ConfigError, match=f"unknown key '{key}'"):
@@ -226,6 +224,7 @@ def test_variables_without_double_underscore_are_not_overrides() -> None:
     "SHOAL_NOSECTION__PORT",
     "SHOAL_LISTENERS__TCP__PROT",
     "SHOAL_LISTENERS__QUIC__PORT",
+    "SHOAL_BROKER__WORKERS",
 ])
 def test_unknown_env_key_fails_naming_the_variable(name: str) -> None:
     with pytest.raises(ConfigError) as e:
@@ -257,8 +256,6 @@ def test_env_wrong_type_fails(name: str, value: str, expected: str) -> None:
 
 
 @pytest.mark.parametrize("section, key, value", [
-    ("broker", "workers", 0),
-    ("broker", "workers", 1025),
     ("listeners.tcp", "port", -1),
     ("listeners.tcp", "port", 65536),
     ("listeners.tcp", "backlog", 0),
