@@ -44,8 +44,10 @@ def _run_broker(args: argparse.Namespace) -> int:
 
 def register_broker(sub: Any) -> None:
     p = sub.add_parser("broker", help="run the broker in the foreground",
-                       description="Run one broker shard in the foreground (what supervisord "
-                                   "runs as `python3 -m shards`). Stop it with SIGTERM or Ctrl-C.")
+                       description="Run a one-process broker in the foreground: one shard that "
+                                   "binds its own listeners (supervisor.conf instead runs a router "
+                                   "and `python3 -m shards --index K --workers N`). Stop it with "
+                                   "SIGTERM or Ctrl-C.")
     _config_option(p)
     p.set_defaults(handler=_run_broker)
 

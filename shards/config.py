@@ -337,9 +337,10 @@ class RuntimeConfig:
         "",
         """When set, the broker writes a JSON document to this path once every listener is
         bound, atomically (a temporary file renamed into place), so a reader never sees half
-        of it: {"pid": ..., "listeners": {"tcp": {"host": ..., "port": ...}}}. Empty by
-        default because only tests and scripts need it; with port = 0 it is how they learn the
-        port.""",
+        of it: {"pid": ..., "listeners": {"tcp": {"host": ..., "port": ...}}}. Under a router
+        it is the router that writes it, once every shard is serving, adding "workers": N and
+        "shards": {"0": pid, ...}. Empty by default because only tests and scripts need it;
+        with port = 0 it is how they learn the port.""",
         zero="(empty) no ready file is written")
     data_dir: str = _key(
         "var/data",
