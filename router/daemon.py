@@ -36,6 +36,7 @@ from typing import Any
 
 from router.framing import CONTROL, FrameDecoder, decode_control, encode_control, encode_frame
 from router.shm import ShmTopicIndex
+from shards.listening import bind_listeners
 
 log = logging.getLogger("shoal.router")
 
@@ -154,12 +155,10 @@ class Router:
     # -- the listening socket groups -------------------------------------------------
 
     def _make_listeners(self, n: int) -> None:
-        tcp = self.cfg.listeners.tcp
-        if tcp.enabled:
-            socks = make_reuseport_group(tcp.bind, tcp.port, tcp.backlog, n)
-            port = socks[0].getsockname()[1]
-            self.listeners.append(("tcp", tcp.bind, port, socks))
-            log.info("tcp listener %s:%d: %d sockets in one SO_REUSEPORT group", tcp.bind, port, n)
+        self.listeners = bind_listeners(self.cfg, n)
+        for name, host, port, socks in self.listeners:
+            log.info("%s listener %s:%d: %d sockets in one SO_REUSEPORT group", name, host, port,
+                     len(socks))
 
     # -- shard hand-shake ---------------------------------------------------------------
 
@@ -399,24 +398,3 @@ def _index_remove(index: ShmTopicIndex, key: tuple[str, str | None], shard: int)
         index.remove(filt, shard)
     else:
         index.remove_group(group, filt, shard)
-
-
-def make_reuseport_group(host: str, port: int, backlog: int, n: int) -> list[socket.socket]:
-    """N listening sockets on one address, in bind order (the group's index order)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    socks: list[socket.socket] = []
-    try:
-        for _ in range(n):
-            s = socket.socket(family, socket.SOCK_STREAM)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            s.bind((host, port))
-            port = s.getsockname()[1]  # port 0: the kernel's choice, shared by the rest
-            s.listen(backlog)
-            s.setblocking(False)
-            socks.append(s)
-    except OSError:
-        for s in socks:
-            s.close()
-        raise
-    return socks

@@ -22,10 +22,12 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from shards.config import Config, ConfigError, load_config
 from shards.host import Host, LocalHost
+from shards.listening import bind_listeners
 from shards.protocol.connection import CLOSED, MQTTConnection
 from shards.protocol.errors import ProtocolError, Reason
 from router.main import run_dir_for
@@ -208,21 +210,16 @@ class Worker:
             self.loop.call_later(TICK, self.tick)
 
     async def start(self) -> dict[str, dict[str, object]]:
-        """One-shard mode: the worker binds its own listening sockets."""
-        sockets: list[tuple[str, socket.socket]] = []
-        tcp = self.cfg.listeners.tcp
-        if tcp.enabled:
-            sockets.append(("tcp", make_listen_socket(tcp.bind, tcp.port, tcp.backlog)))
-        return await self.serve_sockets(sockets)
+        """One-process mode: the worker binds its own listeners (groups of one)."""
+        bound = bind_listeners(self.cfg, 1)
+        return await self.serve_sockets([(name, socks[0]) for name, _, _, socks in bound])
 
     async def serve_sockets(self, sockets: list[tuple[str, socket.socket]]) -> dict[str, dict[str, object]]:
         """Accept MQTT on already-listening sockets (bound here or handed over by the router)."""
         listeners: dict[str, dict[str, object]] = {}
-        backlog = self.cfg.listeners.tcp.backlog
         for name, sock in sockets:
             sock.setblocking(False)
-            server = await self.loop.create_server(lambda: ClientProtocol(self), sock=sock,
-                                                   backlog=backlog)
+            server = await SERVERS[name](self, sock)
             self.servers.append(server)
             host, port = sock.getsockname()[:2]
             listeners[name] = {"host": host, "port": port}
@@ -249,14 +246,15 @@ class Worker:
         self.store.close()
 
 
-def make_listen_socket(host: str, port: int, backlog: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(backlog)
-    sock.setblocking(False)
-    return sock
+async def _serve_tcp(worker: Worker, sock: socket.socket) -> asyncio.AbstractServer:
+    return await worker.loop.create_server(lambda: ClientProtocol(worker), sock=sock,
+                                           backlog=worker.cfg.listeners.tcp.backlog)
+
+
+# how a shard serves a listening socket of each transport (see shards/listening.py)
+SERVERS: dict[str, Callable[[Worker, socket.socket], Awaitable[asyncio.AbstractServer]]] = {
+    "tcp": _serve_tcp,
+}
 
 
 def write_ready_file(path: str, listeners: dict[str, dict[str, object]]) -> None:

@@ -1,0 +1,46 @@
+"""Which listeners the configuration enables, and their socket groups.
+
+Shared by the router (which binds a group of N, one socket per shard) and the
+one-process broker (a group of one), so both serve exactly the same listeners.
+Each transport adds one entry to ``BINDERS`` (how its group is bound) and one to
+:data:`shards.worker.SERVERS` (how a shard serves a socket of it).
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from listeners.sockets import make_stream_group
+from shards.config import Config
+
+# name -> (the listener's config table, n) -> sockets; bound in this order
+Binder = Callable[[Any, int], list[socket.socket]]
+
+
+def _bind_stream(table: Any, n: int) -> list[socket.socket]:
+    return make_stream_group(table.bind, table.port, table.backlog, n)
+
+
+BINDERS: dict[str, Binder] = {
+    "tcp": _bind_stream,
+}
+
+
+def bind_listeners(cfg: Config, n: int) -> list[tuple[str, str, int, list[socket.socket]]]:
+    """(name, host, port, sockets) for every enabled listener; closes all on failure."""
+    bound: list[tuple[str, str, int, list[socket.socket]]] = []
+    try:
+        for name, binder in BINDERS.items():
+            table = getattr(cfg.listeners, name)
+            if not table.enabled:
+                continue
+            socks = binder(table, n)
+            bound.append((name, table.bind, socks[0].getsockname()[1], socks))
+    except OSError:
+        for _, _, _, socks in bound:
+            for s in socks:
+                s.close()
+        raise
+    return bound
