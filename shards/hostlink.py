@@ -47,9 +47,9 @@ log = logging.getLogger("shoal.hostlink")
 
 HEARTBEAT = 1.0
 TAKEOVER_TIMEOUT = 10.0
-# A publisher's PUBACK waits at most this long for a shard that is down (restarting):
-# past it the ack goes out anyway rather than stall the publisher's flow forever.
-DURABLE_TIMEOUT = 10.0
+# A safety net only: a shard that is up confirms every frame it gets, and one that goes
+# down is waited for only during RESTART_GRACE (below).
+DURABLE_TIMEOUT = 60.0
 # Only shards that are up, or went down less than this long ago (supervisord restarts a
 # killed shard in a second or two), are waited for: a stopped shard is not.
 RESTART_GRACE = 5.0
@@ -135,7 +135,14 @@ class RouterHost:
         self.run_dir = run_dir
         self.shard: Shard | None = None
         self.topic_index = ShmTopicIndex.attach(welcome.tag)
-        self.bus = Bus(index, run_dir, self.on_frame, on_peer=self._on_peer)
+        self.bus = Bus(index, run_dir, self.on_frame, on_peer=self._on_peer,
+                       on_congestion=self._on_congestion)
+        # QoS 1/2 frames the bus refused (peer backlog full), sent again when it drains:
+        # their publishers' acks wait for them, so they are never dropped
+        self._retry: dict[int, list[tuple[int, bytes]]] = {}
+        self._congested: set[int] = set()
+        # the worker stops reading from clients while a peer cannot keep up
+        self.on_input_paused: Callable[[bool], None] = lambda paused: None
         # when each peer was last seen going down (all "down" until they say hello)
         self._down_since: dict[int, float] = {j: loop.time() for j in range(welcome.workers)
                                               if j != index}
@@ -292,7 +299,7 @@ class RouterHost:
             wait = self._waitable(mask)
             if wait:
                 self._durable[msg.id] = [wait, None, self.loop.time() + DURABLE_TIMEOUT, body]
-            self._fan_out(mask, PUBLISH, body)
+            self._fan_out(mask, PUBLISH, body, must=True)
             return mask.bit_count()
         self._fan_out(mask, PUBLISH, message_to_bytes(msg))
         return mask.bit_count()
@@ -300,6 +307,7 @@ class RouterHost:
     def _on_peer(self, peer: int, hello: object | None) -> None:
         if hello is not None:
             self._down_since.pop(peer, None)
+            self._flush_retry(peer)
             return
         self._down_since[peer] = self.loop.time()
         # frames handed to the dead connection are lost: queue every unconfirmed one
@@ -366,27 +374,67 @@ class RouterHost:
                     entry[1](now)
 
     def _expire_durable(self, now: float) -> None:
-        """Stop waiting for shards that stayed down past the restart grace, and for anything
-        past the deadline: a stopped shard must not stall publishers on the others."""
+        """Stop waiting for shards that stayed down past the restart grace: a stopped shard
+        must not stall publishers on the others. Shards that are up confirm everything
+        they get (a frame lost with a connection is sent again), so they are waited for;
+        the deadline only catches a confirmation that can never come (a bug)."""
         late = []
+        overdue = 0
         for msg_id, entry in self._durable.items():
             entry[0] = self._waitable(entry[0])
-            if not entry[0] or entry[2] <= now:
+            if not entry[0]:
                 late.append(msg_id)
+            elif entry[2] <= now:
+                late.append(msg_id)
+                overdue += 1
         if late:
-            log.warning("%d forwarded QoS>0 messages not confirmed by a shard that is down: "
-                        "acknowledging them to their publishers anyway", len(late))
+            log.warning("%d forwarded QoS>0 messages not confirmed (%d overdue from shards that "
+                        "are up, the rest from shards down past the restart grace): "
+                        "acknowledging them to their publishers anyway", len(late), overdue)
+        for peer in list(self._retry):
+            if peer in self._down_since and now - self._down_since[peer] >= RESTART_GRACE:
+                del self._retry[peer]  # nobody will take them; their publishers were acked
         for msg_id in late:
             entry = self._durable.pop(msg_id)
             if entry[1] is not None:
                 entry[1](now)
 
-    def _fan_out(self, mask: int, ftype: int, body: bytes) -> None:
+    def _fan_out(self, mask: int, ftype: int, body: bytes, must: bool = False) -> None:
         send = self.bus.send
         while mask:
             low = mask & -mask
-            send(low.bit_length() - 1, ftype, body)
+            peer = low.bit_length() - 1
+            retry = self._retry.get(peer)
+            if retry:
+                # behind frames already waiting, so a pair's frames keep their order
+                if must:
+                    retry.append((ftype, body))
+                elif self.shard is not None:
+                    self.shard.counters.dropped += 1
+            elif not send(peer, ftype, body):
+                if must:
+                    self._retry.setdefault(peer, []).append((ftype, body))
+                elif self.shard is not None:
+                    self.shard.counters.dropped += 1  # QoS 0 over a full backlog
             mask ^= low
+
+    def _on_congestion(self, peer: int, congested: bool) -> None:
+        if congested:
+            self._congested.add(peer)
+        else:
+            self._congested.discard(peer)
+            self._flush_retry(peer)
+        self.on_input_paused(bool(self._congested))
+
+    def _flush_retry(self, peer: int) -> None:
+        frames = self._retry.pop(peer, None)
+        if not frames:
+            return
+        send = self.bus.send
+        for i, (ftype, body) in enumerate(frames):
+            if not send(peer, ftype, body):
+                self._retry[peer] = frames[i:]
+                return
 
     def serves_group(self, group: str, filt: str, msg: Message) -> bool:
         mask = self.topic_index.group_shards(group, filt) & (self._all_peers | self.bit)
@@ -408,7 +456,14 @@ class RouterHost:
     # -- takeover over the bus -------------------------------------------------------------
 
     def _bus_control(self, peer: int, msg: dict[str, Any]) -> None:
-        self.bus.send(peer, CONTROL, encode_control(msg))
+        """Control frames (takeovers, confirmations) are never dropped: a full backlog
+        keeps them for when it drains, behind what is already waiting."""
+        body = encode_control(msg)
+        retry = self._retry.get(peer)
+        if retry:
+            retry.append((CONTROL, body))  # keep their order behind earlier refused frames
+        elif not self.bus.send(peer, CONTROL, body):
+            self._retry.setdefault(peer, []).append((CONTROL, body))
 
     def _ask_takeover(self, prev: int, cid: str, clean: bool, then: Claimed, n: int) -> None:
         seq = next(self._seq)

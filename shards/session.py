@@ -79,7 +79,7 @@ class Session:
     __slots__ = (
         "client_id", "version", "link", "subscriptions", "inflight", "queue", "next_pid",
         "inbound_qos2", "send_quota", "expiry_interval", "expires_at", "will", "will_at", "cfg",
-        "counters", "created", "dedupe", "journal",
+        "counters", "created", "dedupe", "journal", "unsent",
     )
 
     def __init__(self, client_id: str, cfg: MQTTConfig, counters: Counters, now: float) -> None:
@@ -103,6 +103,9 @@ class Session:
         self.dedupe: set[int] | None = None
         # the durable store, for sessions that outlive their connection (expiry > 0)
         self.journal: Store | None = None
+        # in-flight packet ids not yet re-sent after a reconnect: the client's new
+        # Receive Maximum may be lower than what was in flight [MQTT-4.9.0-2]
+        self.unsent: deque[int] = deque()
 
     @property
     def online(self) -> bool:
@@ -224,13 +227,30 @@ class Session:
         """After CONNACK on a resumed session: re-send in-flight messages, then the queue.
 
         Unacknowledged PUBLISHes go again with DUP=1 and their packet ids; a QoS 2
-        message whose PUBREC arrived gets its PUBREL again [MQTT-4.4.0-1].
+        message whose PUBREC arrived gets its PUBREL again [MQTT-4.4.0-1]. Only as
+        many as the client's Receive Maximum allows; the rest follow as acks free
+        credit, before anything new.
         """
         link = self.link
         if link is None:
             return
+        self.unsent = deque(self.inflight)
+        self._resend(now)
+        if not self.unsent:
+            self.drain(now)
+        link.wake()
+
+    def _resend(self, now: float) -> None:
+        link = self.link
+        assert link is not None
         conn = link.conn
-        for pid, item in list(self.inflight.items()):
+        unsent = self.unsent
+        inflight = self.inflight
+        while unsent and len(inflight) - len(unsent) < self.send_quota:
+            pid = unsent.popleft()
+            item = inflight.get(pid)
+            if item is None:
+                continue
             if item.released:
                 conn.send(Pubrel(pid))
                 continue
@@ -238,11 +258,10 @@ class Session:
                     item.msg.topic, item.msg.payload, item.qos, item.retain, pid,
                     self._props(item.msg, item.sub_ids, now), dup=True):
                 # expired, or too large for the client's new maximum packet size
-                del self.inflight[pid]
+                del inflight[pid]
                 self.counters.expired += 1
                 if self.journal is not None:
                     self.journal.delete(self.client_id, item.msg)
-        self.drain(now)
         link.wake()
 
     # -- acknowledgements ---------------------------------------------------------
@@ -254,7 +273,10 @@ class Session:
             return False
         if self.journal is not None:
             self.journal.delete(self.client_id, item.msg)
-        if self.queue:
+        if self.unsent:
+            if self.link is not None:
+                self._resend(now)
+        elif self.queue:
             self.drain(now)
         return True
 
@@ -282,6 +304,7 @@ class Session:
                 journal.put(self.client_id, msg, 0, 0, qos, retain, sub_ids)
 
     def reset_for_clean_start(self) -> None:
+        self.unsent.clear()
         self.inflight.clear()
         self.queue.clear()
         self.inbound_qos2.clear()

@@ -77,6 +77,8 @@ class ClientProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self.worker.links.add(self)
+        if self.worker.input_paused:
+            transport.pause_reading()  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
         worker = self.worker
@@ -162,6 +164,23 @@ class Worker:
         self.bytes_out = 0
         self.servers: list[asyncio.AbstractServer] = []
         self.stopping = asyncio.Event()
+        self.input_paused = False
+
+    def set_input_paused(self, paused: bool) -> None:
+        """Stop (or resume) reading from every client: another shard cannot keep up with
+        what we forward, and reading on would only grow buffers."""
+        if paused == self.input_paused:
+            return
+        self.input_paused = paused
+        log.info("shard %d %s reading from clients (bus back-pressure)", self.shard.index,
+                 "pauses" if paused else "resumes")
+        for link in self.links:
+            transport = link.transport
+            if transport is not None and not link._closing and not transport.is_closing():
+                if paused:
+                    transport.pause_reading()
+                else:
+                    transport.resume_reading()
 
     def schedule_flush(self) -> None:
         if not self._flush_scheduled:
@@ -305,6 +324,7 @@ async def serve_sharded(cfg: Config, index: int, welcome: Welcome, run_dir: str)
     host = RouterHost(index, welcome, run_dir, loop)
     worker = Worker(cfg, loop, index, host)
     host.on_pending = worker.schedule_flush
+    host.on_input_paused = worker.set_input_paused
     shard = worker.shard
     # shard 0 publishes the host-wide $SYS numbers the router sums up
     shard.sys_stats = (lambda now: host.sys_stats or shard.stats(now)) if index == 0 else None
