@@ -15,22 +15,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import json
 import logging
 import os
 import signal
 import socket
-import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from shards.config import Config, ConfigError, load_config
+from shards.config import Config
+from shards.process import boot, run, run_dir_for
 from shards.host import Host, LocalHost
 from shards.listening import bind_listeners
 from shards.protocol.connection import CLOSED, MQTTConnection
 from shards.protocol.errors import ProtocolError, Reason
-from router.main import run_dir_for
 from shards.hostlink import RouterHost, Welcome, join_router
 from shards.session import Session
 from shards.shard import Shard
@@ -44,7 +42,6 @@ log = logging.getLogger("shoal.worker")
 TICK = 0.5
 SHUTDOWN_DEADLINE = 10.0  # below supervisor's stopwaitsecs (15 s)
 ROUTER_LOSS_GRACE = 1.0
-PR_SET_PDEATHSIG = 1
 
 
 class ClientProtocol(asyncio.Protocol):
@@ -283,26 +280,6 @@ def write_ready_file(path: str, listeners: dict[str, dict[str, object]]) -> None
     os.replace(tmp, target)
 
 
-def raise_fd_limit() -> None:
-    """Every connection is a file descriptor: use the hard limit, which needs no privilege."""
-    try:
-        import resource
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft < hard:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    except (ImportError, ValueError, OSError) as err:
-        log.warning("could not raise the open-file limit: %s", err)
-
-
-def die_with_parent() -> None:
-    """A shard never outlives a SIGKILLed supervisord (FACTS: it would keep the port)."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        except OSError:
-            pass
-
-
 async def serve(cfg: Config) -> int:
     loop = asyncio.get_running_loop()
     worker = Worker(cfg, loop)
@@ -368,26 +345,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1,
                         help="how many shards run (supervisor.conf passes %%(numprocs)d)")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as err:
-        print(f"shoal: {err}", file=sys.stderr)
+    cfg = boot("shoal", args.config)
+    if cfg is None:
         return 2
-    logging.basicConfig(level=cfg.log.level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    die_with_parent()
-    raise_fd_limit()
     if args.index is None:
-        coro = serve(cfg)
-    else:
-        run_dir = run_dir_for(cfg)
-        try:
-            welcome = join_router(run_dir, args.index, args.workers)
-        except (OSError, TimeoutError) as err:
-            log.error("shard %d could not join the router: %s", args.index, err)
-            return 1
-        coro = serve_sharded(cfg, args.index, welcome, run_dir)
-    if cfg.runtime.loop == "uvloop":
-        import uvloop
-        return uvloop.run(coro)
-    return asyncio.run(coro)
+        return run(cfg, serve(cfg))
+    run_dir = run_dir_for(cfg)
+    try:
+        welcome = join_router(run_dir, args.index, args.workers)
+    except (OSError, TimeoutError) as err:
+        log.error("shard %d could not join the router: %s", args.index, err)
+        return 1
+    return run(cfg, serve_sharded(cfg, args.index, welcome, run_dir))
