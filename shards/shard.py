@@ -333,7 +333,9 @@ class Shard:
             session.journal = None
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
-            if release:
+            # a CONNECT in progress here has claimed the id anew: releasing it now would
+            # erase the new connection's ownership from the host-wide registry
+            if release and session.client_id not in self._connecting:
                 self.host.released(session.client_id)
 
     def _set_journal(self, session: Session) -> None:

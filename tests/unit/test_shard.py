@@ -7,6 +7,9 @@ from shards.protocol.packets import (
     MQTT_5, MQTT_311, Connack, Disconnect, Pingreq, Pingresp, Prop, Puback, Pubcomp, Publish,
     Pubrec, Pubrel, Suback, SubOptions, Subscribe, Unsuback, Unsubscribe, Will,
 )
+from shards.config import MQTTConfig
+from shards.host import LocalHost
+from shards.shard import Shard
 from tests.unit.shardkit import connect, make_shard, publishes, subscribe
 
 
@@ -444,3 +447,22 @@ def test_messages_routed_after_disconnect_before_transport_close_are_queued() ->
         pub.send(Publish("g", b"q%d" % k, qos=1, packet_id=k + 1))
     again = connect(shard, "s", clean_start=False, props={Prop.SESSION_EXPIRY_INTERVAL: 0})
     assert [p.payload for p in publishes(again.received())] == [b"q0", b"q1", b"q2"]
+
+
+class RecordingHost(LocalHost):
+    def __init__(self) -> None:
+        self.released_ids: list[str] = []
+
+    def released(self, client_id: str) -> None:
+        self.released_ids.append(client_id)
+
+
+def test_local_takeover_does_not_release_the_id_it_just_claimed() -> None:
+    host = RecordingHost()
+    shard = Shard(MQTTConfig(), 0, 0.0, host)
+    connect(shard, "x")  # expiry 0: the session ends with its connection
+    connect(shard, "x")  # takes it over on the same shard
+    assert host.released_ids == []
+    link = connect(shard, "y")
+    link.send(Disconnect())
+    assert host.released_ids == ["y"]
