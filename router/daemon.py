@@ -16,7 +16,7 @@ messages: subscription deltas (acknowledged once applied to the index, so a
 shard can send SUBACK), client-id claims and releases, readiness, heartbeats
 with stats.
 
-A shard that stops heartbeating for ``HUNG_AFTER`` seconds is killed so that
+A shard that stops heartbeating for ``runtime.hung_shard_timeout`` seconds is killed so that
 supervisord restarts it (supervisord only notices exits). A shard that says a
 different worker count from the first one is reported as a mismatch; so is a
 configured shard that is not running.
@@ -41,7 +41,6 @@ from shards.listening import bind_listeners
 log = logging.getLogger("shoal.router")
 
 HEARTBEAT = 1.0  # shards report this often
-HUNG_AFTER = 10.0  # a loop blocked this long is hung, not busy
 MISSING_REPORT = 30.0  # how often a missing shard is reported again
 HANDSHAKE_TIMEOUT = 5.0
 SOCKET_NAME = "router.sock"
@@ -341,8 +340,9 @@ class Router:
         if self.stopping.is_set():
             return
         now = self.loop.time()
+        hung_after = self.cfg.runtime.hung_shard_timeout
         for slot in self.slots.values():
-            if slot.protocol is not None and now - slot.last_hb > HUNG_AFTER and slot.pid:
+            if slot.protocol is not None and now - slot.last_hb > hung_after and slot.pid:
                 log.error("shard %d (pid %d) sent no heartbeat for %.0fs: killing it so that "
                           "supervisord restarts it", slot.index, slot.pid, now - slot.last_hb)
                 try:
@@ -355,7 +355,7 @@ class Router:
             missing = [k for k in range(self.workers)
                        if (k not in self.slots and now - self.started > MISSING_REPORT)
                        or (k in self.slots and self.slots[k].gone_at is not None
-                           and now - self.slots[k].gone_at > HUNG_AFTER)]
+                           and now - self.slots[k].gone_at > hung_after)]
             if missing:
                 log.error("configured %d workers but shards %s are not running",
                           self.workers, missing)

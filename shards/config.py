@@ -347,6 +347,14 @@ class RuntimeConfig:
         """Directory for the broker's persistent state. A relative path is taken from the
         working directory, which supervisor.conf sets to the checkout, so by default state
         lives in var/ beside the logs, which git ignores.""")
+    hung_shard_timeout: float = _key(
+        10.0,
+        """Seconds without a heartbeat (shards send one every second) after which the router
+        kills a shard so that supervisord restarts it: supervisord notices a process that
+        exits, not one whose loop is stuck. 10 s is far above any legitimate pause of a
+        shard's loop (loading a large store at start, a long garbage collection), and a hung
+        shard's clients are back on a restarted one within seconds of it.""",
+        lo=1.0, hi=3600.0, unit="seconds")
 
     def __post_init__(self) -> None:
         _validate(self)

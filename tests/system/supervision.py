@@ -222,7 +222,8 @@ class Supervised:
         return info
 
 
-def make_supervised(here: Path, numprocs: int | None = None, start: bool = True) -> Supervised:
+def make_supervised(here: Path, numprocs: int | None = None, start: bool = True,
+                    runtime: str = "") -> Supervised:
     """A private copy of supervisor.conf in ``here`` with a broker on 127.0.0.1, port 0."""
     conf = here / "supervisor.conf"
     conf.write_text(conf_text(numprocs))
@@ -235,7 +236,7 @@ def make_supervised(here: Path, numprocs: int | None = None, start: bool = True)
     config.write_text(
         "[listeners.tcp]\nbind = \"127.0.0.1\"\nport = 0\n"
         f"[runtime]\nready_file = {json.dumps(str(ready))}\n"
-        f"data_dir = {json.dumps(str(here / 'data'))}\n")
+        f"data_dir = {json.dumps(str(here / 'data'))}\n{runtime}")
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("SHOAL_")}
     env["SHOAL_CONFIG"] = str(config)

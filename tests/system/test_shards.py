@@ -926,6 +926,31 @@ def test_kill9_of_the_router(own_host: Tracker) -> None:
 
 @pytest.mark.system
 @pytest.mark.timeout(120)
+def test_a_hung_shard_is_killed_by_the_router_and_restarted(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """supervisord only notices exits: a shard whose loop stops (SIGSTOP here) must be
+    killed by the router's heartbeat watchdog so that supervisord restarts it."""
+    _skip_unless_shoal()
+    sv = make_supervised(tmp_path_factory.mktemp("hung"), 2, runtime="hung_shard_timeout = 2.0\n")
+    try:
+        sv.wait_ready(60)
+        pids = sv.shard_pids()  # pid -> index
+        hung_pid = next(pid for pid, k in pids.items() if k == 1)
+        os.kill(hung_pid, signal.SIGSTOP)
+        poll(lambda: not alive(hung_pid), 30, "the router to kill the hung shard", sv.logs)
+        assert "sent no heartbeat" in sv.log("router.log"), sv.log("router.log")
+        poll(lambda: sorted(sv.shard_pids().values()) == [0, 1]
+             and hung_pid not in sv.shard_pids(), 30, "supervisord to restart shard 1", sv.logs)
+        poll(lambda: "shard 1 (pid" in sv.log("router.log").split("sent no heartbeat")[-1]
+             and "joined" in sv.log("router.log").split("sent no heartbeat")[-1], 30,
+             "the restarted shard to rejoin the router", sv.logs)
+    finally:
+        sv.kill_all()
+        sv.cleanup_shm()
+
+
+@pytest.mark.system
+@pytest.mark.timeout(120)
 def test_a_shard_started_for_another_worker_count_is_reported(
         tmp_path_factory: pytest.TempPathFactory) -> None:
     """The committed numprocs (2), and a third shard started by hand saying 3 workers."""
