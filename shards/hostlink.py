@@ -155,7 +155,6 @@ class RouterHost:
         # takeover requests waiting to learn that number: client id -> [(peer, msg)]
         self._held: dict[str, list[tuple[int, dict[str, Any]]]] = {}
         self._takeovers: dict[tuple[str, int], tuple[Claimed, asyncio.TimerHandle]] = {}
-        self._gave_to: dict[str, int] = {}  # client id -> shard it moved to (relay running)
         self._got_from: dict[str, int] = {}  # client id -> shard it came from
         self._cache: dict[str, int] = {}
         self._gen = -1
@@ -492,8 +491,6 @@ class RouterHost:
         seq = msg["seq"]
 
         def ship(state: dict[str, Any] | None) -> None:
-            if state is not None:
-                self._gave_to[cid] = peer
             self._bus_control(peer, {"op": "session", "cid": cid, "seq": seq, "state": state})
 
         earlier = mine is not None and 0 <= mine < msg["n"]
@@ -541,7 +538,6 @@ class RouterHost:
             m, _, _ = message_from_frame(base64.b64decode(msg["msg"]), now)
             shard.relayed(cid, m, msg["qos"], msg["retain"], tuple(msg["ids"]), now)
         elif op == "installed":
-            self._gave_to.pop(cid, None)
             shard.drop_relay(cid)
             self._bus_control(peer, {"op": "relay_done", "cid": cid})
         elif op == "relay_done":
