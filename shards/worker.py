@@ -22,7 +22,10 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 from pathlib import Path
 
 from shards.config import Config, ConfigError, load_config
@@ -32,6 +35,8 @@ from shards.protocol.connection import CLOSED, MQTTConnection
 from shards.protocol.errors import ProtocolError, Reason
 from router.main import run_dir_for
 from shards.hostlink import RouterHost, Welcome, join_router
+from shards.acl import AclError
+from shards.security import Security
 from shards.session import Session
 from shards.shard import Shard
 from shards.store import Store
@@ -152,7 +157,13 @@ class Worker:
                  host: Host | None = None) -> None:
         self.cfg = cfg
         self.loop = loop
-        self.shard = Shard(cfg.mqtt, index, loop.time(), host or LocalHost())
+        # password hashes are verified on a few threads, never on the loop
+        self.hash_pool = ThreadPoolExecutor(cfg.auth.hash_workers, thread_name_prefix="shoal-hash")
+        self.security = Security(cfg.auth, cfg.mqtt.allow_anonymous, cfg.runtime.data_dir,
+                                 self.offload)
+        # start-up reads the user, ACL and banned files; a missing or invalid ACL stops us
+        self.security.load(loop.time(), time.time())
+        self.shard = Shard(cfg.mqtt, index, loop.time(), host or LocalHost(), self.security)
         self.store = Store(cfg.runtime.data_dir, index)
         self.shard.store = self.store
         self.shard.restore(loop.time())
@@ -165,6 +176,20 @@ class Worker:
         self.servers: list[asyncio.AbstractServer] = []
         self.stopping = asyncio.Event()
         self.input_paused = False
+
+    def offload(self, fn: Callable[[], Any], then: Callable[[Any, float], None], now: float) -> None:
+        """Run ``fn`` on a hash thread; ``then(result, now)`` back on the loop."""
+        loop = self.loop
+
+        def done(fut: Future[Any]) -> None:
+            try:
+                result = fut.result()
+            except Exception:  # fn handles its own errors; this is a bug, keep the loop alive
+                log.exception("offloaded work failed")
+                result = None
+            loop.call_soon_threadsafe(then, result, loop.time())
+
+        self.hash_pool.submit(fn).add_done_callback(done)
 
     def set_input_paused(self, paused: bool) -> None:
         """Stop (or resume) reading from every client: another shard cannot keep up with
@@ -222,6 +247,7 @@ class Worker:
                 link.conn.state = CLOSED
             self.shard.end_link(link, now)
         self.shard.note_bytes(self.bytes_in, self.bytes_out)
+        self.security.refresh(now, time.time())
         self.shard.tick(now)
         self.store.commit()  # changes that produced no output (offline queues, expiries)
         self.shard.host.committed()
@@ -263,6 +289,7 @@ class Worker:
                 link.transport.abort()
         # every connection is gone: sessions are offline with their deadlines; keep them
         self.store.close()
+        self.hash_pool.shutdown(wait=False, cancel_futures=True)
 
 
 async def _serve_tcp(worker: Worker, sock: socket.socket) -> asyncio.AbstractServer:
@@ -370,7 +397,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config)
-    except ConfigError as err:
+        # the ACL is read before anything starts: a broker without the rules asked for
+        # would allow too much
+        Security(cfg.auth, cfg.mqtt.allow_anonymous, cfg.runtime.data_dir).load(0.0, time.time())
+    except (ConfigError, AclError) as err:
         print(f"shoal: {err}", file=sys.stderr)
         return 2
     logging.basicConfig(level=cfg.log.level, stream=sys.stderr,
