@@ -354,7 +354,7 @@ class AuthConfig:
         above=0.0, hi=3600.0, unit="seconds")
     acl_file: str = _key(
         "",
-        """Authorization rules (see docs/acl.md for the syntax: allow/deny, user, client id,
+        """Authorization rules (see docs/auth.md for the syntax: allow/deny, user, client id,
         IP/CIDR, %u/%c placeholders, first match wins), relative to runtime.data_dir unless
         absolute. Empty by default: every client may publish and subscribe to everything
         (but $SYS, which is the broker's), and the publish path does no ACL work at all. A

@@ -91,7 +91,7 @@ class BuiltinAuthenticator:
     def check(self, request: AuthRequest, then: Done, now: float) -> None:
         name = request.username
         stored = self.users.get(name) if name is not None else None
-        if stored is None:
+        if stored is None or name is None:
             then(None, now)
             return
         password = request.password
