@@ -306,7 +306,7 @@ class MQTTConfig:
                 key="mqtt.server_keep_alive")
 
 
-AUTH_BACKENDS = ("builtin",)
+AUTH_BACKENDS = ("builtin", "http")
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,9 +318,9 @@ class AuthConfig:
         """Authentication chain: backends asked in order, comma-separated, for a client that
         sends a username. The first backend that knows the username decides; a username no
         backend knows is refused (CONNACK 0x86 Bad user name or password; MQTT 3.1.1: return
-        code 4). Today's backend is builtin, the user store in runtime.data_dir managed with
-        `shoal user add|del|list` (it needs no server); HTTP, MySQL and PostgreSQL backends
-        are planned. Empty by default so that a broker started from a fresh checkout accepts
+        code 4). Backends: builtin, the user store in runtime.data_dir managed with `shoal
+        user add|del|list` (it needs no server), and http (see http_url). MySQL and
+        PostgreSQL backends are planned. Empty by default so that a broker started from a fresh checkout accepts
         any client: usernames and passwords are then not checked while
         mqtt.allow_anonymous is true, and refused while it is false (nothing could verify
         them). Clients without a username are governed by mqtt.allow_anonymous either
@@ -346,6 +346,33 @@ class AuthConfig:
         reconnect storm proceed while leaving the core mostly to the loop (shards usually run
         one per core).""",
         lo=1, hi=64)
+    http_url: str = _key(
+        "",
+        """The http backend's endpoint. Each CONNECT with a username not answered from the
+        cache is POSTed to it as JSON {"clientid", "username", "password", "peerhost"}, as
+        EMQX's HTTP authenticator does; a 200 answer {"result": "allow"} (or a 204) accepts,
+        {"result": "deny"} refuses (0x86), {"result": "ignore"}, any other status, a timeout
+        or an unreachable server pass the question to the next backend.""",
+        zero="(empty) required when backends names http")
+    http_timeout: float = _key(
+        5.0,
+        """Seconds the http backend waits for an answer. 5 s: longer than any healthy
+        service takes, short enough that a hung one does not hold clients past
+        mqtt.connect_timeout (10 s).""",
+        above=0.0, hi=60.0, unit="seconds")
+    http_workers: int = _key(
+        4,
+        """Threads per shard that wait on the http backend (the shard's loop never does).
+        4 lets that many requests run at once per shard; a slow service queues the rest
+        rather than taking the hash threads with it.""",
+        lo=1, hi=256)
+    http_cache_ttl: float = _key(
+        60.0,
+        """Seconds an accepted answer from the http backend is reused for the same client
+        id, username and password (within credential_cache_size entries). 60 s spares the
+        service a reconnect storm while a revoked credential stops working within a
+        minute.""",
+        lo=0.0, hi=86400.0, unit="seconds", zero="every CONNECT asks the service")
     reload_interval: float = _key(
         1.0,
         """How often, at most, a shard checks whether the user, ACL and banned files changed
@@ -420,6 +447,12 @@ class AuthConfig:
             if name not in AUTH_BACKENDS:
                 raise ConfigError(f"auth.backends: unknown backend {name!r} (known: "
                                   f"{', '.join(AUTH_BACKENDS)})", key="auth.backends")
+        if "http" in self.backend_list() and not self.http_url:
+            raise ConfigError("auth.http_url: must be set when auth.backends names http",
+                              key="auth.http_url")
+        if self.http_url and not self.http_url.startswith(("http://", "https://")):
+            raise ConfigError(f"auth.http_url: {self.http_url!r} is not an http(s) URL",
+                              key="auth.http_url")
 
     def backend_list(self) -> list[str]:
         return [b.strip() for b in self.backends.split(",") if b.strip()]

@@ -125,6 +125,82 @@ class BuiltinAuthenticator:
         self.offload(verify, verified, now)
 
 
+class HttpAuthenticator:
+    """Asks an HTTP service, EMQX-style: POST JSON, answer {"result": allow|deny|ignore}.
+
+    The request runs on the ``offload`` port (I/O threads in the worker); accepted
+    answers are cached for ``cache_ttl`` seconds, at most ``cache_size`` of them.
+    """
+
+    def __init__(self, url: str, timeout: float, cache_size: int, cache_ttl: float,
+                 offload: Offload = run_inline) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.cache_size = cache_size
+        self.cache_ttl = cache_ttl
+        self.offload = offload
+        self._cache: dict[tuple[str, str, bytes], float] = {}
+        self._key = os.urandom(32)
+        self.requests = 0
+
+    def request(self, body: bytes) -> str:
+        """One HTTP exchange (on a thread): 'allow', 'deny' or 'ignore'."""
+        import urllib.error
+        import urllib.request
+        req = urllib.request.Request(self.url, data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                status = resp.status
+                data = resp.read(65536)
+        except urllib.error.HTTPError as err:
+            log.info("http auth backend answered %d: ignored", err.code)
+            return "ignore"
+        except (OSError, ValueError) as err:
+            log.warning("http auth backend %s failed: %s", self.url, err)
+            return "ignore"
+        if status == 204:
+            return "allow"
+        if status != 200:
+            return "ignore"
+        try:
+            result = json.loads(data).get("result")
+        except (ValueError, AttributeError):
+            log.warning("http auth backend %s: answer is not a JSON object", self.url)
+            return "ignore"
+        return result if result in ("allow", "deny", "ignore") else "ignore"
+
+    def check(self, request: AuthRequest, then: Done, now: float) -> None:
+        name = request.username
+        if name is None:
+            then(None, now)
+            return
+        password = request.password or b""
+        key = (name, request.client_id, hmac.new(self._key, password, hashlib.sha256).digest())
+        until = self._cache.get(key)
+        if until is not None:
+            if now < until:
+                then(Reason.SUCCESS, now)
+                return
+            del self._cache[key]
+        body = json.dumps({"clientid": request.client_id, "username": name,
+                           "password": password.decode("utf-8", "replace"),
+                           "peerhost": str(request.ip) if request.ip is not None else ""}).encode()
+
+        def answered(result: str | None, later: float) -> None:
+            self.requests += 1
+            if result == "allow":
+                if self.cache_size and self.cache_ttl > 0:
+                    _bounded_set(self._cache, key, later + self.cache_ttl, self.cache_size)
+                then(Reason.SUCCESS, later)
+            elif result == "deny":
+                then(Reason.BAD_USER_NAME_OR_PASSWORD, later)
+            else:
+                then(None, later)
+
+        self.offload(lambda: self.request(body), answered, now)
+
+
 class Chain:
     """Backends asked in order; the first that knows the username decides."""
 
@@ -273,7 +349,7 @@ class Flapping:
         return len(self._counts) + len(self._bans)
 
 
-def _bounded_set(table: dict[str, Any], key: str, value: Any, bound: int) -> None:
+def _bounded_set(table: dict[Any, Any], key: Any, value: Any, bound: int) -> None:
     table.pop(key, None)
     while len(table) >= bound:
         del table[next(iter(table))]
@@ -288,7 +364,8 @@ class Security:
     """What the shard asks: may this client connect, publish, subscribe?"""
 
     def __init__(self, cfg: AuthConfig | None = None, allow_anonymous: bool = True,
-                 data_dir: str = ".", offload: Offload = run_inline) -> None:
+                 data_dir: str = ".", offload: Offload = run_inline,
+                 io_offload: Offload | None = None) -> None:
         cfg = cfg if cfg is not None else AuthConfig()
         self.cfg = cfg
         self.allow_anonymous = allow_anonymous
@@ -299,6 +376,10 @@ class Security:
             if name == "builtin":
                 self.builtin = BuiltinAuthenticator(cfg.credential_cache_size, offload)
                 backends.append(self.builtin)
+            elif name == "http":
+                backends.append(HttpAuthenticator(cfg.http_url, cfg.http_timeout,
+                                                  cfg.credential_cache_size, cfg.http_cache_ttl,
+                                                  io_offload or offload))
         self.chain: Chain | None = Chain(backends) if backends else None
         # None: no ACL configured, and the publish path skips authorization entirely
         self.acl: Acl | None = None

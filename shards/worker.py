@@ -159,8 +159,10 @@ class Worker:
         self.loop = loop
         # password hashes are verified on a few threads, never on the loop
         self.hash_pool = ThreadPoolExecutor(cfg.auth.hash_workers, thread_name_prefix="shoal-hash")
+        # and remote backends are waited on by others, so a slow service cannot starve hashing
+        self.io_pool = ThreadPoolExecutor(cfg.auth.http_workers, thread_name_prefix="shoal-authio")
         self.security = Security(cfg.auth, cfg.mqtt.allow_anonymous, cfg.runtime.data_dir,
-                                 self.offload)
+                                 self.offload, self.offload_io)
         # start-up reads the user, ACL and banned files; a missing or invalid ACL stops us
         self.security.load(loop.time(), time.time())
         self.shard = Shard(cfg.mqtt, index, loop.time(), host or LocalHost(), self.security)
@@ -179,6 +181,14 @@ class Worker:
 
     def offload(self, fn: Callable[[], Any], then: Callable[[Any, float], None], now: float) -> None:
         """Run ``fn`` on a hash thread; ``then(result, now)`` back on the loop."""
+        self._offload(self.hash_pool, fn, then)
+
+    def offload_io(self, fn: Callable[[], Any], then: Callable[[Any, float], None], now: float) -> None:
+        """Run blocking I/O (an HTTP request) on an I/O thread; ``then`` back on the loop."""
+        self._offload(self.io_pool, fn, then)
+
+    def _offload(self, pool: ThreadPoolExecutor, fn: Callable[[], Any],
+                 then: Callable[[Any, float], None]) -> None:
         loop = self.loop
 
         def done(fut: Future[Any]) -> None:
@@ -189,7 +199,7 @@ class Worker:
                 result = None
             loop.call_soon_threadsafe(then, result, loop.time())
 
-        self.hash_pool.submit(fn).add_done_callback(done)
+        pool.submit(fn).add_done_callback(done)
 
     def set_input_paused(self, paused: bool) -> None:
         """Stop (or resume) reading from every client: another shard cannot keep up with
@@ -290,6 +300,7 @@ class Worker:
         # every connection is gone: sessions are offline with their deadlines; keep them
         self.store.close()
         self.hash_pool.shutdown(wait=False, cancel_futures=True)
+        self.io_pool.shutdown(wait=False, cancel_futures=True)
 
 
 async def _serve_tcp(worker: Worker, sock: socket.socket) -> asyncio.AbstractServer:

@@ -8,11 +8,15 @@ change (a file reloaded, a ban running out) the test polls with a deadline.
 
 from __future__ import annotations
 
+import json
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -240,3 +244,67 @@ def test_flapping_client_is_banned_for_a_while(make_broker: Any, auth: Auth, con
     until(lambda: connect(b, cid).connack.reason_code == 0)
     assert time.monotonic() - started < 5.0
     assert "banned for" in b.log()
+
+
+class _AuthService(BaseHTTPRequestHandler):
+    """EMQX-style HTTP authentication: svc/letmein allowed, svc/other denied, rest ignored."""
+
+    requests: list[dict[str, Any]] = []
+
+    def do_POST(self) -> None:
+        doc = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).requests.append(doc)
+        if doc["username"] == "svc":
+            result = "allow" if doc["password"] == "letmein" else "deny"
+        elif doc["username"] == "down":
+            self.send_response(503)
+            self.end_headers()
+            return
+        else:
+            result = "ignore"
+        body = json.dumps({"result": result}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def auth_service() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _AuthService)
+    _AuthService.requests = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/mqtt/auth"
+    server.shutdown()
+    server.server_close()
+
+
+def test_http_backend_then_builtin(make_broker: Any, auth: Auth, connect: Any, auth_service: str,
+                                   uid: str) -> None:
+    b = make_broker(auth.config(anonymous=False, backends="http,builtin", http_url=auth_service))
+    assert connect(b, f"{uid}a", user="svc", password="letmein").connack.reason_code == 0
+    seen = _AuthService.requests[0]
+    assert seen["clientid"] == f"{uid}a" and seen["peerhost"] == "127.0.0.1"
+    assert connect(b, f"{uid}b", user="svc", password="nope").connack.reason_code == BAD_CREDENTIALS
+    # ignored (and a 503) by the service: the builtin store answers
+    assert connect(b, f"{uid}c", user="alice", password="wonderland").connack.reason_code == 0
+    assert connect(b, f"{uid}d", user="down", password="x").connack.reason_code == BAD_CREDENTIALS
+    # an accepted answer is reused: no new request
+    n = len(_AuthService.requests)
+    assert connect(b, f"{uid}a", user="svc", password="letmein").connack.reason_code == 0
+    assert len(_AuthService.requests) == n
+
+
+def test_http_backend_unreachable_falls_through(make_broker: Any, auth: Auth, connect: Any,
+                                                uid: str) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/auth"  # bound, not listening: refused
+        b = make_broker(auth.config(backends="http,builtin", http_url=dead))
+        assert connect(b, f"{uid}a", user="alice", password="wonderland").connack.reason_code == 0
+        assert connect(b, f"{uid}b", user="svc", password="x").connack.reason_code == BAD_CREDENTIALS

@@ -296,3 +296,57 @@ def test_peer_ip() -> None:
     assert str(peer_ip("127.0.0.1:5555")) == "127.0.0.1"
     assert str(peer_ip("::1:5555")) == "::1"
     assert peer_ip("test") is None and peer_ip("?") is None
+
+
+# -- the http backend (the HTTP exchange itself is stubbed; integration tests run a server) --
+
+def http_security(answers_by_user: dict[str, str], offload: Any = None,
+                  **cfg: Any) -> tuple[Security, list[dict[str, Any]]]:
+    from shards.security import HttpAuthenticator
+    seen: list[dict[str, Any]] = []
+
+    def fake_request(self: HttpAuthenticator, body: bytes) -> str:
+        doc = json.loads(body)
+        seen.append(doc)
+        return answers_by_user.get(doc["username"], "ignore")
+
+    auth = AuthConfig(backends="http,builtin", http_url="http://127.0.0.1:1/auth", **cfg)
+    sec = Security(auth, True, ".", offload or (lambda fn, then, now: then(fn(), now)))
+    backend = sec.chain.backends[0]  # type: ignore[union-attr]
+    backend.request = fake_request.__get__(backend)  # type: ignore[method-assign]
+    assert sec.builtin is not None
+    sec.builtin.set_users({"alice": hash_password("secret", **FAST)})
+    return sec, seen
+
+
+def test_http_allow_deny_and_ignore_falls_through_the_chain() -> None:
+    sec, seen = http_security({"svc": "allow", "evil": "deny"})
+    assert answers(sec, "svc", b"pw", client_id="c9") == [0]
+    assert seen[0] == {"clientid": "c9", "username": "svc", "password": "pw", "peerhost": ""}
+    assert answers(sec, "evil", b"pw") == [Reason.BAD_USER_NAME_OR_PASSWORD]
+    assert answers(sec, "alice", b"secret") == [0]  # http ignored it; builtin knows alice
+    assert answers(sec, "nobody", b"x") == [Reason.BAD_USER_NAME_OR_PASSWORD]
+
+
+def test_http_answers_arrive_later_and_allow_is_cached_for_the_ttl() -> None:
+    offload = Deferred()
+    sec, seen = http_security({"svc": "allow"}, offload, http_cache_ttl=10.0)
+    got: list[Any] = []
+    sec.authenticate(AuthRequest("c", "svc", b"pw", None), lambda v, now: got.append(v), 0.0)
+    assert got == [] and len(offload.pending) == 1
+    offload.run(1.0)
+    assert got == [0]
+    sec.authenticate(AuthRequest("c", "svc", b"pw", None), lambda v, now: got.append(v), 5.0)
+    assert got == [0, 0] and not offload.pending and len(seen) == 1  # from the cache
+    sec.authenticate(AuthRequest("c", "svc", b"other", None), lambda v, now: got.append(v), 5.0)
+    assert offload.pending  # another password is another question
+    offload.run(5.0)
+    sec.authenticate(AuthRequest("c", "svc", b"pw", None), lambda v, now: got.append(v), 11.5)
+    assert offload.pending  # the ttl ran out
+
+
+def test_http_config_is_checked() -> None:
+    with pytest.raises(ConfigError, match="http_url: must be set"):
+        AuthConfig(backends="http")
+    with pytest.raises(ConfigError, match="not an http"):
+        AuthConfig(backends="http", http_url="ftp://x")
