@@ -150,6 +150,17 @@ def _user_del(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _user_hash(args: argparse.Namespace) -> int:
+    from shards.users import hash_password
+    password = _read_password(args)
+    if not password:
+        print("shoal: no password given (use --password-stdin, or run on a terminal)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    print(hash_password(password))
+    return EXIT_OK
+
+
 def _user_list(args: argparse.Namespace) -> int:
     from shards.users import read_users
     for name in sorted(read_users(_users_path(args))):
@@ -164,7 +175,7 @@ def register_user(sub: Any) -> None:
                                    "runtime.data_dir). Running brokers notice changes within "
                                    "auth.reload_interval; enable the store with "
                                    "auth.backends = \"builtin\".")
-    usub = p.add_subparsers(dest="user_command", metavar="{add,del,list}", required=True)
+    usub = p.add_subparsers(dest="user_command", metavar="{add,del,list,hash}", required=True)
     add = usub.add_parser("add", help="add a user or change its password")
     _config_option(add)
     add.add_argument("name")
@@ -181,6 +192,12 @@ def register_user(sub: Any) -> None:
     lst = usub.add_parser("list", help="list the usernames")
     _config_option(lst)
     lst.set_defaults(handler=_user_list)
+    hsh = usub.add_parser("hash", help="print a password hash (for a database backend's table)")
+    how = hsh.add_mutually_exclusive_group()
+    how.add_argument("--password", help="the password (prefer --password-stdin or the prompt)")
+    how.add_argument("--password-stdin", action="store_true",
+                     help="read the password from the first line of standard input")
+    hsh.set_defaults(handler=_user_hash)
 
 
 # -- shoal ban -------------------------------------------------------------------------------

@@ -306,7 +306,7 @@ class MQTTConfig:
                 key="mqtt.server_keep_alive")
 
 
-AUTH_BACKENDS = ("builtin", "http")
+AUTH_BACKENDS = ("builtin", "http", "postgresql")
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,8 +319,8 @@ class AuthConfig:
         sends a username. The first backend that knows the username decides; a username no
         backend knows is refused (CONNACK 0x86 Bad user name or password; MQTT 3.1.1: return
         code 4). Backends: builtin, the user store in runtime.data_dir managed with `shoal
-        user add|del|list` (it needs no server), and http (see http_url). MySQL and
-        PostgreSQL backends are planned. Empty by default so that a broker started from a fresh checkout accepts
+        user add|del|list` (it needs no server), http (see http_url) and postgresql (see
+        pgsql_query). A MySQL backend is planned. Empty by default so that a broker started from a fresh checkout accepts
         any client: usernames and passwords are then not checked while
         mqtt.allow_anonymous is true, and refused while it is false (nothing could verify
         them). Clients without a username are governed by mqtt.allow_anonymous either
@@ -373,6 +373,40 @@ class AuthConfig:
         service a reconnect storm while a revoked credential stops working within a
         minute.""",
         lo=0.0, hi=86400.0, unit="seconds", zero="every CONNECT asks the service")
+    pgsql_host: str = _key(
+        "127.0.0.1",
+        """The postgresql backend's server: a host name or address, or the directory of its
+        Unix socket when it starts with '/'. 127.0.0.1 because a database for broker users
+        usually runs beside the broker.""")
+    pgsql_port: int = _key(
+        5432,
+        """The postgresql backend's TCP port (and the number in its socket's name). 5432 is
+        PostgreSQL's default.""",
+        lo=1, hi=_UINT16)
+    pgsql_database: str = _key(
+        "mqtt",
+        """The postgresql backend's database. 'mqtt', as in EMQX's examples.""")
+    pgsql_user: str = _key(
+        "mqtt",
+        """The role the postgresql backend connects as; give it SELECT on the user table
+        only.""")
+    pgsql_password: str = _key(
+        "",
+        """That role's password; prefer the SHOAL_AUTH__PGSQL_PASSWORD environment variable
+        to writing it in a file.""",
+        zero="(empty) no password (trust or peer authentication)")
+    pgsql_query: str = _key(
+        "SELECT password_hash FROM mqtt_user WHERE username = :username LIMIT 1",
+        """The query that finds a user's password hash: its first column of its first row is
+        a hash in shoal's format (`shoal user hash` prints one to insert). :username and
+        :clientid are bound as parameters, never spliced into the text. No row: the next
+        backend is asked. The default reads a table mqtt_user(username, password_hash).""")
+    pgsql_workers: int = _key(
+        2,
+        """Database connections per shard, each on its own thread (the loop never waits on
+        the database). 2 keeps a slow query from holding every CONNECT while costing the
+        server few connections per broker core.""",
+        lo=1, hi=64)
     reload_interval: float = _key(
         1.0,
         """How often, at most, a shard checks whether the user, ACL and banned files changed

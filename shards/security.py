@@ -201,6 +201,90 @@ class HttpAuthenticator:
         self.offload(lambda: self.request(body), answered, now)
 
 
+class StoredHashAuthenticator:
+    """A backend that looks a user's stored hash up remotely (a database), on the I/O
+    offload port, then verifies it on the hash offload port like the built-in store.
+
+    ``lookup(username, client_id)`` returns the stored hash, None if there is no such
+    user, or raises on failure (the chain then asks the next backend). Verified
+    credentials are cached with a bound; a lookup is made on every CONNECT so a
+    deleted or changed user takes effect at once.
+    """
+
+    def __init__(self, name: str, lookup: Callable[[str, str], str | None], cache_size: int,
+                 offload: Offload = run_inline, io_offload: Offload = run_inline) -> None:
+        self.name = name
+        self.lookup = lookup
+        self.verifier = BuiltinAuthenticator(cache_size, offload)
+        self.io_offload = io_offload
+
+    def check(self, request: AuthRequest, then: Done, now: float) -> None:
+        name = request.username
+        if name is None:
+            then(None, now)
+            return
+
+        def find() -> str | None | Exception:
+            try:
+                return self.lookup(name, request.client_id)
+            except Exception as err:  # a driver's errors have no common base worth naming
+                return err
+
+        def found(stored: str | None | Exception, later: float) -> None:
+            if isinstance(stored, Exception) or (stored is not None and not isinstance(stored, str)):
+                log.warning("%s auth backend failed for %r: %s", self.name, name, stored)
+                then(None, later)
+                return
+            if stored is None:
+                then(None, later)
+                return
+            self.verifier.users = {name: stored}  # only this check reads it, synchronously
+            self.verifier.check(request, then, later)
+
+        self.io_offload(find, found, now)
+
+
+class PostgresLookup:
+    """Runs auth.pgsql_query with pg8000 (pure Python), one connection per I/O thread,
+    reconnecting after a failure."""
+
+    def __init__(self, cfg: AuthConfig) -> None:
+        import threading
+        self.cfg = cfg
+        self._local = threading.local()
+
+    def _connect(self) -> Any:
+        import pg8000.native
+        cfg = self.cfg
+        kwargs: dict[str, Any] = {"user": cfg.pgsql_user, "database": cfg.pgsql_database,
+                                  "timeout": 10}
+        if cfg.pgsql_password:
+            kwargs["password"] = cfg.pgsql_password
+        if cfg.pgsql_host.startswith("/"):
+            kwargs["unix_sock"] = os.path.join(cfg.pgsql_host, f".s.PGSQL.{cfg.pgsql_port}")
+        else:
+            kwargs["host"], kwargs["port"] = cfg.pgsql_host, cfg.pgsql_port
+        return pg8000.native.Connection(**kwargs)
+
+    def __call__(self, username: str, client_id: str) -> str | None:
+        con = getattr(self._local, "con", None)
+        if con is None:
+            con = self._local.con = self._connect()
+        query = self.cfg.pgsql_query
+        params = {k: v for k, v in (("username", username), ("clientid", client_id))
+                  if f":{k}" in query}
+        try:
+            rows = con.run(query, **params)
+        except Exception:
+            self._local.con = None
+            try:
+                con.close()
+            except Exception:
+                pass
+            raise
+        return str(rows[0][0]) if rows else None
+
+
 class Chain:
     """Backends asked in order; the first that knows the username decides."""
 
@@ -376,6 +460,10 @@ class Security:
             if name == "builtin":
                 self.builtin = BuiltinAuthenticator(cfg.credential_cache_size, offload)
                 backends.append(self.builtin)
+            elif name == "postgresql":
+                backends.append(StoredHashAuthenticator(
+                    "postgresql", PostgresLookup(cfg), cfg.credential_cache_size, offload,
+                    io_offload or offload))
             elif name == "http":
                 backends.append(HttpAuthenticator(cfg.http_url, cfg.http_timeout,
                                                   cfg.credential_cache_size, cfg.http_cache_ttl,

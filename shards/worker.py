@@ -160,7 +160,10 @@ class Worker:
         # password hashes are verified on a few threads, never on the loop
         self.hash_pool = ThreadPoolExecutor(cfg.auth.hash_workers, thread_name_prefix="shoal-hash")
         # and remote backends are waited on by others, so a slow service cannot starve hashing
-        self.io_pool = ThreadPoolExecutor(cfg.auth.http_workers, thread_name_prefix="shoal-authio")
+        io_threads = cfg.auth.http_workers if "http" in cfg.auth.backend_list() else 0
+        if "postgresql" in cfg.auth.backend_list():
+            io_threads += cfg.auth.pgsql_workers
+        self.io_pool = ThreadPoolExecutor(max(1, io_threads), thread_name_prefix="shoal-authio")
         self.security = Security(cfg.auth, cfg.mqtt.allow_anonymous, cfg.runtime.data_dir,
                                  self.offload, self.offload_io)
         # start-up reads the user, ACL and banned files; a missing or invalid ACL stops us

@@ -350,3 +350,34 @@ def test_http_config_is_checked() -> None:
         AuthConfig(backends="http")
     with pytest.raises(ConfigError, match="not an http"):
         AuthConfig(backends="http", http_url="ftp://x")
+
+
+# -- a database backend: the lookup is stubbed (integration tests run PostgreSQL) ----------
+
+def test_stored_hash_backend_looks_up_then_verifies_on_the_ports() -> None:
+    from shards.security import Chain, StoredHashAuthenticator
+    table = {"dbuser": hash_password("pw", **FAST)}
+    calls: list[tuple[str, str]] = []
+
+    def lookup(username: str, client_id: str) -> str | None:
+        calls.append((username, client_id))
+        if username == "broken":
+            raise ConnectionError("database down")
+        return table.get(username)
+
+    io, hashing = Deferred(), Deferred()
+    backend = StoredHashAuthenticator("db", lookup, 10, hashing, io)
+    chain = Chain([backend])
+    got: list[Any] = []
+    chain.check(AuthRequest("c1", "dbuser", b"pw", None), lambda v, now: got.append(v), 0.0)
+    assert got == [] and io.pending and not hashing.pending
+    io.run()
+    assert got == [] and hashing.pending  # found: the hash is verified on the hash threads
+    hashing.run()
+    assert got == [0] and calls == [("dbuser", "c1")]
+    for user, password in (("dbuser", b"bad"), ("nobody", b"x"), ("broken", b"x")):
+        chain.check(AuthRequest("c1", user, password, None), lambda v, now: got.append(v), 0.0)
+        io.run()
+        hashing.run()
+    # wrong password, unknown user, failing database: all refused by the end of the chain
+    assert got[1:] == [Reason.BAD_USER_NAME_OR_PASSWORD] * 3
