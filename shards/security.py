@@ -254,7 +254,7 @@ class PostgresLookup:
         self._local = threading.local()
 
     def _connect(self) -> Any:
-        import pg8000.native
+        import pg8000.native  # type: ignore[import-untyped]
         cfg = self.cfg
         kwargs: dict[str, Any] = {"user": cfg.pgsql_user, "database": cfg.pgsql_database,
                                   "timeout": 10}
