@@ -306,7 +306,7 @@ class MQTTConfig:
                 key="mqtt.server_keep_alive")
 
 
-AUTH_BACKENDS = ("builtin", "http", "postgresql")
+AUTH_BACKENDS = ("builtin", "http", "postgresql", "mysql")
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,8 +319,8 @@ class AuthConfig:
         sends a username. The first backend that knows the username decides; a username no
         backend knows is refused (CONNACK 0x86 Bad user name or password; MQTT 3.1.1: return
         code 4). Backends: builtin, the user store in runtime.data_dir managed with `shoal
-        user add|del|list` (it needs no server), http (see http_url) and postgresql (see
-        pgsql_query). A MySQL backend is planned. Empty by default so that a broker started from a fresh checkout accepts
+        user add|del|list` (it needs no server), http (see http_url), postgresql (see
+        pgsql_query) and mysql (MySQL or MariaDB, see mysql_query). Empty by default so that a broker started from a fresh checkout accepts
         any client: usernames and passwords are then not checked while
         mqtt.allow_anonymous is true, and refused while it is false (nothing could verify
         them). Clients without a username are governed by mqtt.allow_anonymous either
@@ -406,6 +406,36 @@ class AuthConfig:
         """Database connections per shard, each on its own thread (the loop never waits on
         the database). 2 keeps a slow query from holding every CONNECT while costing the
         server few connections per broker core.""",
+        lo=1, hi=64)
+    mysql_host: str = _key(
+        "127.0.0.1",
+        """The mysql backend's server (MySQL or MariaDB): a host name or address, or the path
+        of its Unix socket when it starts with '/'. 127.0.0.1 because a database for broker
+        users usually runs beside the broker.""")
+    mysql_port: int = _key(
+        3306,
+        """The mysql backend's TCP port. 3306 is MySQL's and MariaDB's default.""",
+        lo=1, hi=_UINT16)
+    mysql_database: str = _key(
+        "mqtt",
+        """The mysql backend's database. 'mqtt', as in EMQX's examples.""")
+    mysql_user: str = _key(
+        "mqtt",
+        """The account the mysql backend connects as; give it SELECT on the user table
+        only.""")
+    mysql_password: str = _key(
+        "",
+        """That account's password; prefer the SHOAL_AUTH__MYSQL_PASSWORD environment
+        variable to writing it in a file.""",
+        zero="(empty) no password (e.g. unix_socket authentication)")
+    mysql_query: str = _key(
+        "SELECT password_hash FROM mqtt_user WHERE username = :username LIMIT 1",
+        """The query that finds a user's password hash, as pgsql_query: first column of the
+        first row, in shoal's format; :username and :clientid are bound as parameters. The
+        default reads a table mqtt_user(username, password_hash).""")
+    mysql_workers: int = _key(
+        2,
+        """Database connections per shard, each on its own thread, as pgsql_workers.""",
         lo=1, hi=64)
     reload_interval: float = _key(
         1.0,

@@ -285,6 +285,53 @@ class PostgresLookup:
         return str(rows[0][0]) if rows else None
 
 
+class MysqlLookup:
+    """Runs auth.mysql_query with PyMySQL (pure Python), one connection per I/O thread,
+    reconnecting after a failure. ``:username``/``:clientid`` become PyMySQL's
+    ``%(name)s`` parameters (a literal ``%`` in the query is escaped first)."""
+
+    def __init__(self, cfg: AuthConfig) -> None:
+        import threading
+        self.cfg = cfg
+        self._local = threading.local()
+        query = cfg.mysql_query.replace("%", "%%")
+        self.names = [k for k in ("username", "clientid") if f":{k}" in query]
+        for k in self.names:
+            query = query.replace(f":{k}", f"%({k})s")
+        self.query = query
+
+    def _connect(self) -> Any:
+        import pymysql  # type: ignore[import-untyped]
+        cfg = self.cfg
+        kwargs: dict[str, Any] = {"user": cfg.mysql_user, "database": cfg.mysql_database,
+                                  "connect_timeout": 10, "read_timeout": 10, "autocommit": True}
+        if cfg.mysql_password:
+            kwargs["password"] = cfg.mysql_password
+        if cfg.mysql_host.startswith("/"):
+            kwargs["unix_socket"] = cfg.mysql_host
+        else:
+            kwargs["host"], kwargs["port"] = cfg.mysql_host, cfg.mysql_port
+        return pymysql.connect(**kwargs)
+
+    def __call__(self, username: str, client_id: str) -> str | None:
+        con = getattr(self._local, "con", None)
+        if con is None:
+            con = self._local.con = self._connect()
+        values = {"username": username, "clientid": client_id}
+        try:
+            with con.cursor() as cur:
+                cur.execute(self.query, {k: values[k] for k in self.names})
+                row = cur.fetchone()
+        except Exception:
+            self._local.con = None
+            try:
+                con.close()
+            except Exception:
+                pass
+            raise
+        return None if row is None else str(row[0])
+
+
 class Chain:
     """Backends asked in order; the first that knows the username decides."""
 
@@ -463,6 +510,10 @@ class Security:
             elif name == "postgresql":
                 backends.append(StoredHashAuthenticator(
                     "postgresql", PostgresLookup(cfg), cfg.credential_cache_size, offload,
+                    io_offload or offload))
+            elif name == "mysql":
+                backends.append(StoredHashAuthenticator(
+                    "mysql", MysqlLookup(cfg), cfg.credential_cache_size, offload,
                     io_offload or offload))
             elif name == "http":
                 backends.append(HttpAuthenticator(cfg.http_url, cfg.http_timeout,

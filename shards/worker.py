@@ -163,6 +163,8 @@ class Worker:
         io_threads = cfg.auth.http_workers if "http" in cfg.auth.backend_list() else 0
         if "postgresql" in cfg.auth.backend_list():
             io_threads += cfg.auth.pgsql_workers
+        if "mysql" in cfg.auth.backend_list():
+            io_threads += cfg.auth.mysql_workers
         self.io_pool = ThreadPoolExecutor(max(1, io_threads), thread_name_prefix="shoal-authio")
         self.security = Security(cfg.auth, cfg.mqtt.allow_anonymous, cfg.runtime.data_dir,
                                  self.offload, self.offload_io)

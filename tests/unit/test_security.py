@@ -381,3 +381,12 @@ def test_stored_hash_backend_looks_up_then_verifies_on_the_ports() -> None:
         hashing.run()
     # wrong password, unknown user, failing database: all refused by the end of the chain
     assert got[1:] == [Reason.BAD_USER_NAME_OR_PASSWORD] * 3
+
+
+def test_mysql_query_placeholders_become_bound_parameters() -> None:
+    from shards.security import MysqlLookup
+    q = MysqlLookup(AuthConfig(mysql_query="SELECT h FROM u WHERE name = :username AND c = "
+                                           ":clientid AND name LIKE 'a%'"))
+    assert q.query == ("SELECT h FROM u WHERE name = %(username)s AND c = %(clientid)s "
+                       "AND name LIKE 'a%%'")
+    assert q.names == ["username", "clientid"]
