@@ -1,7 +1,7 @@
 """The ``shoal`` command.
 
 Each subcommand is registered by a function that adds its parser and sets
-``handler``; adding ``shoal pub``/``sub``/``bench``/``user`` later means writing
+``handler``; adding ``shoal pub``/``sub``/``bench`` later means writing
 one more ``register_*`` function and listing it in ``COMMANDS``. Heavy modules
 (the broker's event loop, uvloop) are imported inside the handler that needs
 them, so ``shoal config check`` stays fast and works where they are missing.
@@ -10,9 +10,12 @@ them, so ``shoal config check`` stays fast and works where they are missing.
 from __future__ import annotations
 
 import argparse
+import getpass
 import importlib
+import json
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,6 +26,7 @@ Handler = Callable[[argparse.Namespace], int]
 EXIT_OK = 0
 EXIT_INVALID_CONFIG = 1
 EXIT_USAGE = 2  # argparse's own code for a bad command line
+EXIT_NOT_FOUND = 3  # `shoal user del` / `shoal ban del` of something that is not there
 
 
 def _config_option(parser: argparse.ArgumentParser) -> None:
@@ -100,7 +104,197 @@ def register_config(sub: Any) -> None:
     docs.set_defaults(handler=_config_docs)
 
 
-COMMANDS: list[Callable[[Any], None]] = [register_broker, register_config]
+# -- shoal user ------------------------------------------------------------------------------
+
+
+def _users_path(args: argparse.Namespace) -> str:
+    cfg = load_config(args.config)
+    name = cfg.auth.users_file
+    return name if os.path.isabs(name) else os.path.join(cfg.runtime.data_dir, name)
+
+
+def _read_password(args: argparse.Namespace) -> str | None:
+    if args.password is not None:
+        return str(args.password)
+    if args.password_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    if not sys.stdin.isatty():
+        return None
+    first = getpass.getpass("password: ")
+    if getpass.getpass("again: ") != first:
+        print("shoal: the passwords differ", file=sys.stderr)
+        return None
+    return first
+
+
+def _user_add(args: argparse.Namespace) -> int:
+    from shards.users import add_user
+    password = _read_password(args)
+    if not password:
+        print("shoal: no password given (use --password-stdin, or run on a terminal)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    path = _users_path(args)
+    new = add_user(path, args.name, password)
+    print(f"{'added' if new else 'changed the password of'} user {args.name!r} in {path}")
+    return EXIT_OK
+
+
+def _user_del(args: argparse.Namespace) -> int:
+    from shards.users import delete_user
+    path = _users_path(args)
+    if not delete_user(path, args.name):
+        print(f"shoal: no user {args.name!r} in {path}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    print(f"deleted user {args.name!r} from {path}")
+    return EXIT_OK
+
+
+def _user_hash(args: argparse.Namespace) -> int:
+    from shards.users import hash_password
+    password = _read_password(args)
+    if not password:
+        print("shoal: no password given (use --password-stdin, or run on a terminal)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    print(hash_password(password))
+    return EXIT_OK
+
+
+def _user_list(args: argparse.Namespace) -> int:
+    from shards.users import read_users
+    for name in sorted(read_users(_users_path(args))):
+        print(name)
+    return EXIT_OK
+
+
+def register_user(sub: Any) -> None:
+    p = sub.add_parser("user", help="manage the built-in user store",
+                       description="Add, delete and list the users of the built-in store (a "
+                                   "file of salted scrypt hashes, auth.users_file under "
+                                   "runtime.data_dir). Running brokers notice changes within "
+                                   "auth.reload_interval; enable the store with "
+                                   "auth.backends = \"builtin\".")
+    usub = p.add_subparsers(dest="user_command", metavar="{add,del,list,hash}", required=True)
+    add = usub.add_parser("add", help="add a user or change its password")
+    _config_option(add)
+    add.add_argument("name")
+    how = add.add_mutually_exclusive_group()
+    how.add_argument("--password", help="the password (visible to other local users in the "
+                                        "process list: prefer --password-stdin or the prompt)")
+    how.add_argument("--password-stdin", action="store_true",
+                     help="read the password from the first line of standard input")
+    add.set_defaults(handler=_user_add)
+    delete = usub.add_parser("del", help="delete a user")
+    _config_option(delete)
+    delete.add_argument("name")
+    delete.set_defaults(handler=_user_del)
+    lst = usub.add_parser("list", help="list the usernames")
+    _config_option(lst)
+    lst.set_defaults(handler=_user_list)
+    hsh = usub.add_parser("hash", help="print a password hash (for a database backend's table)")
+    how = hsh.add_mutually_exclusive_group()
+    how.add_argument("--password", help="the password (prefer --password-stdin or the prompt)")
+    how.add_argument("--password-stdin", action="store_true",
+                     help="read the password from the first line of standard input")
+    hsh.set_defaults(handler=_user_hash)
+
+
+# -- shoal ban -------------------------------------------------------------------------------
+
+
+def _banned_path(args: argparse.Namespace) -> str:
+    cfg = load_config(args.config)
+    name = cfg.auth.banned_file
+    return name if os.path.isabs(name) else os.path.join(cfg.runtime.data_dir, name)
+
+
+def _read_bans(path: str) -> list[dict[str, Any]]:
+    from shards.security import parse_banned
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return parse_banned(fh.read())
+    except FileNotFoundError:
+        return []
+
+
+def _write_bans(path: str, bans: list[dict[str, Any]]) -> None:
+    from shards.users import write_atomically
+    write_atomically(path, json.dumps({"version": 1, "bans": bans}, indent=1) + "\n")
+
+
+def _ban_add(args: argparse.Namespace) -> int:
+    import ipaddress
+    from shards.users import locked
+    if args.kind == "address":
+        try:
+            ipaddress.ip_network(args.value, strict=False)
+        except ValueError:
+            print(f"shoal: {args.value!r} is not an address or CIDR", file=sys.stderr)
+            return EXIT_USAGE
+    path = _banned_path(args)
+    until = time.time() + args.seconds if args.seconds else None
+    with locked(path):
+        bans = [b for b in _read_bans(path)
+                if not (b["kind"] == args.kind and b["value"] == args.value)]
+        bans.append({"kind": args.kind, "value": args.value, "until": until})
+        _write_bans(path, bans)
+    print(f"banned {args.kind} {args.value!r}" + (f" for {args.seconds:g}s" if until else ""))
+    return EXIT_OK
+
+
+def _ban_del(args: argparse.Namespace) -> int:
+    from shards.users import locked
+    path = _banned_path(args)
+    with locked(path):
+        bans = _read_bans(path)
+        kept = [b for b in bans if not (b["kind"] == args.kind and b["value"] == args.value)]
+        if len(kept) == len(bans):
+            print(f"shoal: {args.kind} {args.value!r} is not banned", file=sys.stderr)
+            return EXIT_NOT_FOUND
+        _write_bans(path, kept)
+    print(f"unbanned {args.kind} {args.value!r}")
+    return EXIT_OK
+
+
+def _ban_list(args: argparse.Namespace) -> int:
+    now = time.time()
+    for b in _read_bans(_banned_path(args)):
+        until = b.get("until")
+        if until is not None and until <= now:
+            continue
+        left = "forever" if until is None else f"{until - now:.0f}s left"
+        print(f"{b['kind']}\t{b['value']}\t{left}")
+    return EXIT_OK
+
+
+def register_ban(sub: Any) -> None:
+    p = sub.add_parser("ban", help="ban clients by client id, username or address",
+                       description="Manage auth.banned_file under runtime.data_dir. A banned "
+                                   "client's CONNECT is refused with 0x8A Banned (MQTT 3.1.1: "
+                                   "return code 5). Every shard notices changes within "
+                                   "auth.reload_interval.")
+    bsub = p.add_subparsers(dest="ban_command", metavar="{add,del,list}", required=True)
+    kinds = ("clientid", "username", "address")
+    add = bsub.add_parser("add", help="ban a client id, username or address/CIDR")
+    _config_option(add)
+    add.add_argument("kind", choices=kinds)
+    add.add_argument("value")
+    add.add_argument("--for", dest="seconds", type=float, default=0.0, metavar="SECONDS",
+                     help="lift the ban after this long (default: never)")
+    add.set_defaults(handler=_ban_add)
+    delete = bsub.add_parser("del", help="lift a ban")
+    _config_option(delete)
+    delete.add_argument("kind", choices=kinds)
+    delete.add_argument("value")
+    delete.set_defaults(handler=_ban_del)
+    lst = bsub.add_parser("list", help="list the bans in force")
+    _config_option(lst)
+    lst.set_defaults(handler=_ban_list)
+
+
+COMMANDS: list[Callable[[Any], None]] = [register_broker, register_config, register_user,
+                                         register_ban]
 
 
 def build_parser() -> argparse.ArgumentParser:

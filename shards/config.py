@@ -26,6 +26,7 @@ from dataclasses import Field, dataclass, field, fields, is_dataclass
 from typing import Any, ClassVar
 
 __all__ = [
+    "AuthConfig",
     "Config",
     "ConfigError",
     "ListenersConfig",
@@ -276,8 +277,8 @@ class MQTTConfig:
         True,
         """Whether a client that sends no username may connect. True so that a broker started
         from a fresh checkout works with any client; set false to refuse clients that connect
-        without a username (CONNACK Not authorized). Authentication (users, passwords, ACLs)
-        is planned.""")
+        without a username (CONNACK 0x87 Not authorized; MQTT 3.1.1: return code 5). Clients
+        that send a username are checked by the [auth] backends.""")
     allow_zero_length_clientid: bool = _key(
         True,
         """Whether a client may connect with an empty client id and have the broker assign one
@@ -303,6 +304,222 @@ class MQTTConfig:
                 f"mqtt.server_keep_alive: {self.server_keep_alive} exceeds mqtt.max_keepalive "
                 f"({self.max_keepalive}); a broker cannot impose more than it allows",
                 key="mqtt.server_keep_alive")
+
+
+AUTH_BACKENDS = ("builtin", "http", "postgresql", "mysql")
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    path: ClassVar[str] = "auth"
+
+    backends: str = _key(
+        "",
+        """Authentication chain: backends asked in order, comma-separated, for a client that
+        sends a username. The first backend that knows the username decides; a username no
+        backend knows is refused (CONNACK 0x86 Bad user name or password; MQTT 3.1.1: return
+        code 4). Backends: builtin, the user store in runtime.data_dir managed with `shoal
+        user add|del|list` (it needs no server), http (see http_url), postgresql (see
+        pgsql_query) and mysql (MySQL or MariaDB, see mysql_query). Empty by default so that a broker started from a fresh checkout accepts
+        any client: usernames and passwords are then not checked while
+        mqtt.allow_anonymous is true, and refused while it is false (nothing could verify
+        them). Clients without a username are governed by mqtt.allow_anonymous either
+        way.""",
+        zero="(empty) no authentication: credentials are not checked")
+    users_file: str = _key(
+        "users.json",
+        """The builtin backend's user file, relative to runtime.data_dir unless absolute.
+        Every shard reads it and notices changes without a restart (see reload_interval).""")
+    credential_cache_size: int = _key(
+        10000,
+        """Credentials a shard remembers after verifying them, so a reconnecting client does
+        not pay for a password hash again. An entry is a username, a keyed digest of the
+        password (never the password itself) and the stored hash it matched, so it dies
+        with a password change. 10,000 covers the clients one shard usually serves; beyond
+        it the oldest entries go, which costs only a re-verification.""",
+        lo=0, zero="nothing is cached: every CONNECT hashes the password")
+    hash_workers: int = _key(
+        2,
+        """Threads per shard that verify password hashes. A scrypt check takes tens of
+        milliseconds of CPU, which would stall every connection of the shard if run on its
+        event loop; hashlib releases the GIL, so the threads run beside the loop. 2 lets a
+        reconnect storm proceed while leaving the core mostly to the loop (shards usually run
+        one per core).""",
+        lo=1, hi=64)
+    http_url: str = _key(
+        "",
+        """The http backend's endpoint. Each CONNECT with a username not answered from the
+        cache is POSTed to it as JSON {"clientid", "username", "password", "peerhost"}, as
+        EMQX's HTTP authenticator does; a 200 answer {"result": "allow"} (or a 204) accepts,
+        {"result": "deny"} refuses (0x86), {"result": "ignore"}, any other status, a timeout
+        or an unreachable server pass the question to the next backend.""",
+        zero="(empty) required when backends names http")
+    http_timeout: float = _key(
+        5.0,
+        """Seconds the http backend waits for an answer. 5 s: longer than any healthy
+        service takes, short enough that a hung one does not hold clients past
+        mqtt.connect_timeout (10 s).""",
+        above=0.0, hi=60.0, unit="seconds")
+    http_workers: int = _key(
+        4,
+        """Threads per shard that wait on the http backend (the shard's loop never does).
+        4 lets that many requests run at once per shard; a slow service queues the rest
+        rather than taking the hash threads with it.""",
+        lo=1, hi=256)
+    http_cache_ttl: float = _key(
+        60.0,
+        """Seconds an accepted answer from the http backend is reused for the same client
+        id, username and password (within credential_cache_size entries). 60 s spares the
+        service a reconnect storm while a revoked credential stops working within a
+        minute.""",
+        lo=0.0, hi=86400.0, unit="seconds", zero="every CONNECT asks the service")
+    pgsql_host: str = _key(
+        "127.0.0.1",
+        """The postgresql backend's server: a host name or address, or the directory of its
+        Unix socket when it starts with '/'. 127.0.0.1 because a database for broker users
+        usually runs beside the broker.""")
+    pgsql_port: int = _key(
+        5432,
+        """The postgresql backend's TCP port (and the number in its socket's name). 5432 is
+        PostgreSQL's default.""",
+        lo=1, hi=_UINT16)
+    pgsql_database: str = _key(
+        "mqtt",
+        """The postgresql backend's database. 'mqtt', as in EMQX's examples.""")
+    pgsql_user: str = _key(
+        "mqtt",
+        """The role the postgresql backend connects as; give it SELECT on the user table
+        only.""")
+    pgsql_password: str = _key(
+        "",
+        """That role's password; prefer the SHOAL_AUTH__PGSQL_PASSWORD environment variable
+        to writing it in a file.""",
+        zero="(empty) no password (trust or peer authentication)")
+    pgsql_query: str = _key(
+        "SELECT password_hash FROM mqtt_user WHERE username = :username LIMIT 1",
+        """The query that finds a user's password hash: its first column of its first row is
+        a hash in shoal's format (`shoal user hash` prints one to insert). :username and
+        :clientid are bound as parameters, never spliced into the text. No row: the next
+        backend is asked. The default reads a table mqtt_user(username, password_hash).""")
+    pgsql_workers: int = _key(
+        2,
+        """Database connections per shard, each on its own thread (the loop never waits on
+        the database). 2 keeps a slow query from holding every CONNECT while costing the
+        server few connections per broker core.""",
+        lo=1, hi=64)
+    mysql_host: str = _key(
+        "127.0.0.1",
+        """The mysql backend's server (MySQL or MariaDB): a host name or address, or the path
+        of its Unix socket when it starts with '/'. 127.0.0.1 because a database for broker
+        users usually runs beside the broker.""")
+    mysql_port: int = _key(
+        3306,
+        """The mysql backend's TCP port. 3306 is MySQL's and MariaDB's default.""",
+        lo=1, hi=_UINT16)
+    mysql_database: str = _key(
+        "mqtt",
+        """The mysql backend's database. 'mqtt', as in EMQX's examples.""")
+    mysql_user: str = _key(
+        "mqtt",
+        """The account the mysql backend connects as; give it SELECT on the user table
+        only.""")
+    mysql_password: str = _key(
+        "",
+        """That account's password; prefer the SHOAL_AUTH__MYSQL_PASSWORD environment
+        variable to writing it in a file.""",
+        zero="(empty) no password (e.g. unix_socket authentication)")
+    mysql_query: str = _key(
+        "SELECT password_hash FROM mqtt_user WHERE username = :username LIMIT 1",
+        """The query that finds a user's password hash, as pgsql_query: first column of the
+        first row, in shoal's format; :username and :clientid are bound as parameters. The
+        default reads a table mqtt_user(username, password_hash).""")
+    mysql_workers: int = _key(
+        2,
+        """Database connections per shard, each on its own thread, as pgsql_workers.""",
+        lo=1, hi=64)
+    reload_interval: float = _key(
+        1.0,
+        """How often, at most, a shard checks whether the user, ACL and banned files changed
+        (one stat each). 1 s makes `shoal user add` take effect at once for a person and
+        costs nothing measurable.""",
+        above=0.0, hi=3600.0, unit="seconds")
+    acl_file: str = _key(
+        "",
+        """Authorization rules (see docs/auth.md for the syntax: allow/deny, user, client id,
+        IP/CIDR, %u/%c placeholders, first match wins), relative to runtime.data_dir unless
+        absolute. Empty by default: every client may publish and subscribe to everything
+        (but $SYS, which is the broker's), and the publish path does no ACL work at all. A
+        missing or invalid file at start-up stops the broker; an invalid edit later is logged
+        and the previous rules stay.""",
+        zero="(empty) no ACL: everything is allowed")
+    acl_no_match: str = _key(
+        "allow",
+        """What happens when no ACL rule applies. allow, EMQX's default: an ACL file then
+        lists what is forbidden and what is granted in exceptions; deny for a whitelist
+        (Mosquitto's behaviour with an ACL file).""",
+        choices=("allow", "deny"))
+    acl_deny_action: str = _key(
+        "ignore",
+        """What a denied PUBLISH does to its connection. ignore (EMQX's default): the message
+        is dropped; MQTT 5 QoS 1/2 publishers get PUBACK/PUBREC 0x87 Not authorized, MQTT
+        3.1.1 ones are acknowledged as usual since 3.1.1 has no negative acknowledgement.
+        disconnect: the connection is closed (MQTT 5: DISCONNECT 0x87) so a misbehaving
+        client notices.""",
+        choices=("ignore", "disconnect"))
+    acl_cache_size: int = _key(
+        100000,
+        """ACL decisions a shard remembers, per (connection, action, topic), so the rules are
+        walked once per distinct topic rather than per message. 100,000 decisions take a few
+        MB and cover the working set of a shard's publishers; when full the oldest go. Emptied
+        whenever the ACL file changes.""",
+        lo=0, zero="no cache: the rules are walked for every PUBLISH")
+    banned_file: str = _key(
+        "banned.json",
+        """Banned clients, by client id, username or address/CIDR, with an optional end
+        time, managed with `shoal ban add|del|list`; relative to runtime.data_dir unless
+        absolute. A banned client's CONNECT is refused (0x8A Banned; MQTT 3.1.1: return code
+        5).""")
+    flapping_max_count: int = _key(
+        0,
+        """Flapping detection: a client id that disconnects this many times within
+        flapping_window is banned for flapping_ban_time. 0 (off) by default, as in EMQX, since
+        a client stuck in a reconnect loop is usually a bug to fix rather than an attack;
+        15, EMQX's suggested value, is a good start when enabling it. Counted per shard: a
+        client whose connections land on several shards is counted on each.""",
+        lo=0, hi=_UINT16, zero="flapping detection is off")
+    flapping_window: float = _key(
+        60.0,
+        """The window over which disconnects are counted, from the first one. 60 s, EMQX's
+        default: a well-behaved client does not reconnect 15 times a minute.""",
+        above=0.0, hi=86400.0, unit="seconds")
+    flapping_ban_time: float = _key(
+        300.0,
+        """How long a flapping client id is refused (CONNACK 0x8A). 5 minutes, EMQX's
+        default: long enough to relieve the broker, short enough that a fixed client comes
+        back on its own.""",
+        above=0.0, hi=86400.0 * 30, unit="seconds")
+    flapping_max_tracked: int = _key(
+        100000,
+        """Most client ids a shard tracks for flapping at once (counting or banned); beyond
+        it the oldest entries are forgotten. Bounds the memory a flood of made-up client ids
+        can take; 100,000 entries are a few tens of MB.""",
+        lo=1)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+        for name in self.backend_list():
+            if name not in AUTH_BACKENDS:
+                raise ConfigError(f"auth.backends: unknown backend {name!r} (known: "
+                                  f"{', '.join(AUTH_BACKENDS)})", key="auth.backends")
+        if "http" in self.backend_list() and not self.http_url:
+            raise ConfigError("auth.http_url: must be set when auth.backends names http",
+                              key="auth.http_url")
+        if self.http_url and not self.http_url.startswith(("http://", "https://")):
+            raise ConfigError(f"auth.http_url: {self.http_url!r} is not an http(s) URL",
+                              key="auth.http_url")
+
+    def backend_list(self) -> list[str]:
+        return [b.strip() for b in self.backends.split(",") if b.strip()]
 
 
 @dataclass(frozen=True, slots=True)
@@ -372,6 +589,9 @@ class Config:
         MQTTConfig,
         "Protocol limits and features. Every limit is explicit so that no client can make a "
         "shard hold unbounded state.")
+    auth: AuthConfig = _table(
+        AuthConfig,
+        "Authentication, authorization (ACL), banned clients and flapping detection.")
     log: LogConfig = _table(LogConfig, "Logging.")
     runtime: RuntimeConfig = _table(RuntimeConfig, "How the process runs.")
 

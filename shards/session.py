@@ -22,6 +22,7 @@ from shards.message import Message
 from shards.protocol.packets import MQTT_5, Prop, Properties, Pubrel, Will
 
 if TYPE_CHECKING:
+    from shards.acl import Principal
     from shards.config import MQTTConfig
     from shards.store import Store
     from shards.protocol.connection import MQTTConnection
@@ -79,7 +80,7 @@ class Session:
     __slots__ = (
         "client_id", "version", "link", "subscriptions", "inflight", "queue", "next_pid",
         "inbound_qos2", "send_quota", "expiry_interval", "expires_at", "will", "will_at", "cfg",
-        "counters", "created", "dedupe", "journal", "unsent",
+        "counters", "created", "dedupe", "journal", "unsent", "principal",
     )
 
     def __init__(self, client_id: str, cfg: MQTTConfig, counters: Counters, now: float) -> None:
@@ -106,6 +107,8 @@ class Session:
         # in-flight packet ids not yet re-sent after a reconnect: the client's new
         # Receive Maximum may be lower than what was in flight [MQTT-4.9.0-2]
         self.unsent: deque[int] = deque()
+        # who the connection that last attached is (authorization); None until one has
+        self.principal: Principal | None = None
 
     @property
     def online(self) -> bool:

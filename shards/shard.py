@@ -32,6 +32,9 @@ from shards.protocol.packets import (
 )
 from shards.protocol.topics import parse_shared, validate_topic_filter, validate_topic_name
 from shards.retain import RetainedStore
+from shards.security import PUBLISH as ACL_PUBLISH
+from shards.security import SUBSCRIBE as ACL_SUBSCRIBE
+from shards.security import AuthRequest, Principal, Security, peer_ip
 from shards.session import Counters, Link, Session
 from shards.store import Store
 from shards.subs import Subscription, SubscriptionTrie
@@ -46,10 +49,13 @@ _WILL = 1
 
 class Shard:
     def __init__(self, cfg: MQTTConfig, index: int = 0, now: float = 0.0,
-                 host: Host | None = None) -> None:
+                 host: Host | None = None, security: Security | None = None) -> None:
         self.cfg = cfg
         self.index = index
         self.host: Host = host if host is not None else LocalHost()
+        # authentication, ACL, bans; the default one only applies mqtt.allow_anonymous
+        self.security = security if security is not None else Security(
+            allow_anonymous=cfg.allow_anonymous)
         self.store: Store | None = None  # set by the worker when persistence is on
         self.sessions: dict[str, Session] = {}
         self.trie = SubscriptionTrie()
@@ -108,9 +114,7 @@ class Shard:
     # -- CONNECT ------------------------------------------------------------------------
 
     def connect(self, link: Link, p: Connect, now: float) -> None:
-        cfg = self.cfg
         conn = link.conn
-        v5 = p.protocol_level == MQTT_5
         refusal = self._check_connect(p)
         if refusal is not None:
             reason, why = refusal
@@ -122,7 +126,38 @@ class Shard:
         assigned = None
         if not client_id:
             client_id = assigned = self._assign_client_id()
+        sec = self.security
+        ip = peer_ip(link.peer)
+        why = sec.banned_why(client_id, p.username, ip, now)
+        if why is not None:
+            log.info("refused CONNECT from %s (%r): %s", link.peer, client_id, why)
+            conn.refuse(Reason.BANNED, why)
+            link.close()
+            return
+        principal = Principal(client_id, p.username, ip)
 
+        def authenticated(reason: int | None, later: float) -> None:
+            if conn.state != CONNECTING:
+                return  # the client left (or timed out) while its credentials were checked
+            if reason:
+                log.info("refused CONNECT from %s (%r, user %r): %s", link.peer, client_id,
+                         p.username, Reason(reason).name.lower().replace("_", " "))
+                conn.refuse(reason, "not authorized" if reason == Reason.NOT_AUTHORIZED
+                            else "bad user name or password" if reason == Reason.BAD_USER_NAME_OR_PASSWORD
+                            else "")
+                link.close()
+                link.wake()
+                return
+            self._claim(link, p, client_id, assigned, principal, later)
+
+        # the answer may come later (a hash on a thread, a remote backend): the
+        # connection stays CONNECTING, and what the client sends meanwhile stays buffered
+        sec.authenticate(AuthRequest(client_id, p.username, p.password, ip), authenticated, now)
+
+    def _claim(self, link: Link, p: Connect, client_id: str, assigned: str | None,
+               principal: Principal, now: float) -> None:
+        cfg = self.cfg
+        v5 = p.protocol_level == MQTT_5
         keepalive = p.keepalive
         if cfg.server_keep_alive:
             keepalive = cfg.server_keep_alive
@@ -134,7 +169,8 @@ class Shard:
             expiry = 0 if p.clean_start else cfg.max_session_expiry_interval
 
         def claimed(remote: dict[str, object] | None, later: float) -> None:
-            self._connected(link, p, client_id, assigned, keepalive, expiry, remote, later)
+            self._connected(link, p, client_id, assigned, principal, keepalive, expiry, remote,
+                            later)
 
         # another shard may hold the session: the host gets it back first
         self._connecting_count[client_id] = self._connecting_count.get(client_id, 0) + 1
@@ -142,8 +178,8 @@ class Shard:
         self.host.claim(client_id, p.clean_start, claimed, now)
 
     def _connected(self, link: Link, p: Connect, client_id: str, assigned: str | None,
-                   keepalive: int, expiry: int, remote: dict[str, object] | None,
-                   now: float) -> None:
+                   principal: Principal, keepalive: int, expiry: int,
+                   remote: dict[str, object] | None, now: float) -> None:
         cfg = self.cfg
         conn = link.conn
         v5 = p.protocol_level == MQTT_5
@@ -151,7 +187,8 @@ class Shard:
             # CONNACK waits until the index knows the moved subscriptions are here
             def adopted(later: float) -> None:
                 self.host.adopted(client_id)
-                self._connected(link, p, client_id, assigned, keepalive, expiry, None, later)
+                self._connected(link, p, client_id, assigned, principal, keepalive, expiry, None,
+                                later)
 
             self._install(remote, now, adopted)
             return
@@ -182,6 +219,7 @@ class Shard:
             session.will_at = None
             session.expires_at = None
         session.version = p.protocol_level
+        session.principal = principal
         session.will = p.will
         session.expiry_interval = expiry
         self._set_journal(session)
@@ -228,11 +266,6 @@ class Shard:
             return Reason.CLIENT_IDENTIFIER_NOT_VALID, "client identifier too long"
         if Prop.AUTHENTICATION_METHOD in p.props:
             return Reason.BAD_AUTHENTICATION_METHOD, "enhanced authentication is not supported"
-        if not cfg.allow_anonymous:
-            # no credential store yet: without anonymous access nobody gets in
-            if p.username is None:
-                return Reason.NOT_AUTHORIZED, "anonymous access is disabled"
-            return Reason.BAD_USER_NAME_OR_PASSWORD, "no user store is configured"
         will = p.will
         if will is not None:
             try:
@@ -305,6 +338,8 @@ class Shard:
         session.link = None
         link.session = None
         self.connected -= 1
+        if self.security.flapping is not None:
+            self.security.disconnected(session.client_id, now)
         if link.disconnected_cleanly:
             session.will = None
         if session.expiry_interval == 0:
@@ -521,6 +556,14 @@ class Shard:
         session.will_at = None
         if will is None:
             return
+        sec = self.security
+        if sec.acl is not None:
+            who = session.principal or Principal(session.client_id, None, None)
+            if not sec.allowed(who, ACL_PUBLISH, will.topic):
+                sec.publish_denied += 1
+                self.counters.dropped += 1
+                log.debug("will of %r to %r denied by the ACL", session.client_id, will.topic)
+                return
         props = {k: v for k, v in will.props.items() if k != Prop.WILL_DELAY_INTERVAL}
         msg = Message.from_publish(will.topic, will.payload, will.qos, will.retain, props,
                                    session.client_id, now, next(self._msg_ids))
@@ -566,7 +609,12 @@ class Shard:
                 link.conn.send_ack(Pubrec(p.packet_id))
                 link.wake()
                 return
-            inbound.add(p.packet_id)
+        sec = self.security
+        if sec.acl is not None and not sec.allowed(session.principal, ACL_PUBLISH, topic):  # type: ignore[arg-type]
+            self._publish_denied(link, session, p, v5)
+            return
+        if qos == 2:
+            session.inbound_qos2.add(p.packet_id)
             self._changed(session)
         msg = Message.from_publish(topic, p.payload, qos, p.retain, props, session.client_id, now,
                                    next(self._msg_ids))
@@ -587,6 +635,25 @@ class Shard:
 
             # the ack promises the message is kept: wait for the shards it went to
             self.host.when_durable(msg.id, durable, now)
+
+    def _publish_denied(self, link: Link, session: Session, p: Publish, v5: bool) -> None:
+        sec = self.security
+        sec.publish_denied += 1
+        self.counters.dropped += 1
+        log.debug("PUBLISH from %r to %r denied by the ACL", session.client_id, p.topic)
+        if sec.cfg.acl_deny_action == "disconnect":
+            raise ProtocolError(Reason.NOT_AUTHORIZED, f"not authorized to publish to {p.topic!r}")
+        if v5:
+            # QoS 0: nothing to say; QoS 1/2: the negative ack ends the flow [MQTT-4.3.3-4]
+            self._ack(link, p, Reason.NOT_AUTHORIZED, "not authorized")
+            return
+        # MQTT 3.1.1 has no negative acknowledgement: a refused PUBACK/PUBREC cannot be
+        # said, and withholding it would make the client resend forever. As EMQX does by
+        # default, the message is acknowledged and dropped; QoS 2 completes its exchange.
+        if p.qos == 2:
+            session.inbound_qos2.add(p.packet_id)
+            self._changed(session)
+        self._ack(link, p, Reason.SUCCESS)
 
     def _ack(self, link: Link, p: Publish, reason: int, why: str = "") -> None:
         # the connection strips the reason string if the client asked for no problem info
@@ -723,6 +790,12 @@ class Shard:
                 raise ProtocolError(Reason.PROTOCOL_ERROR, "no-local on a shared subscription")
         if not cfg.wildcard_subscription_available and ("+" in real or "#" in real):
             return Reason.WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED, None, False
+        sec = self.security
+        if sec.acl is not None and not sec.allowed(session.principal, ACL_SUBSCRIBE, real):  # type: ignore[arg-type]
+            # 0x87 in SUBACK; MQTT 3.1.1 encodes it as 0x80 Failure
+            sec.subscribe_denied += 1
+            log.debug("SUBSCRIBE of %r to %r denied by the ACL", session.client_id, filt)
+            return Reason.NOT_AUTHORIZED, None, False
         existing = session.subscriptions.get(filt)
         if (existing is None and cfg.max_subscriptions_per_client
                 and len(session.subscriptions) >= cfg.max_subscriptions_per_client):

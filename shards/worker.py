@@ -20,7 +20,11 @@ import logging
 import os
 import signal
 import socket
+import sys
+import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 from pathlib import Path
 
 from shards.config import Config
@@ -30,6 +34,8 @@ from shards.listening import bind_listeners
 from shards.protocol.connection import CLOSED, MQTTConnection
 from shards.protocol.errors import ProtocolError, Reason
 from shards.hostlink import RouterHost, Welcome, join_router
+from shards.acl import AclError
+from shards.security import Security
 from shards.session import Session
 from shards.shard import Shard
 from shards.store import Store
@@ -149,7 +155,20 @@ class Worker:
                  host: Host | None = None) -> None:
         self.cfg = cfg
         self.loop = loop
-        self.shard = Shard(cfg.mqtt, index, loop.time(), host or LocalHost())
+        # password hashes are verified on a few threads, never on the loop
+        self.hash_pool = ThreadPoolExecutor(cfg.auth.hash_workers, thread_name_prefix="shoal-hash")
+        # and remote backends are waited on by others, so a slow service cannot starve hashing
+        io_threads = cfg.auth.http_workers if "http" in cfg.auth.backend_list() else 0
+        if "postgresql" in cfg.auth.backend_list():
+            io_threads += cfg.auth.pgsql_workers
+        if "mysql" in cfg.auth.backend_list():
+            io_threads += cfg.auth.mysql_workers
+        self.io_pool = ThreadPoolExecutor(max(1, io_threads), thread_name_prefix="shoal-authio")
+        self.security = Security(cfg.auth, cfg.mqtt.allow_anonymous, cfg.runtime.data_dir,
+                                 self.offload, self.offload_io)
+        # start-up reads the user, ACL and banned files; a missing or invalid ACL stops us
+        self.security.load(loop.time(), time.time())
+        self.shard = Shard(cfg.mqtt, index, loop.time(), host or LocalHost(), self.security)
         self.store = Store(cfg.runtime.data_dir, index)
         self.shard.store = self.store
         self.shard.restore(loop.time())
@@ -162,6 +181,28 @@ class Worker:
         self.servers: list[asyncio.AbstractServer] = []
         self.stopping = asyncio.Event()
         self.input_paused = False
+
+    def offload(self, fn: Callable[[], Any], then: Callable[[Any, float], None], now: float) -> None:
+        """Run ``fn`` on a hash thread; ``then(result, now)`` back on the loop."""
+        self._offload(self.hash_pool, fn, then)
+
+    def offload_io(self, fn: Callable[[], Any], then: Callable[[Any, float], None], now: float) -> None:
+        """Run blocking I/O (an HTTP request) on an I/O thread; ``then`` back on the loop."""
+        self._offload(self.io_pool, fn, then)
+
+    def _offload(self, pool: ThreadPoolExecutor, fn: Callable[[], Any],
+                 then: Callable[[Any, float], None]) -> None:
+        loop = self.loop
+
+        def done(fut: Future[Any]) -> None:
+            try:
+                result = fut.result()
+            except Exception:  # fn handles its own errors; this is a bug, keep the loop alive
+                log.exception("offloaded work failed")
+                result = None
+            loop.call_soon_threadsafe(then, result, loop.time())
+
+        pool.submit(fn).add_done_callback(done)
 
     def set_input_paused(self, paused: bool) -> None:
         """Stop (or resume) reading from every client: another shard cannot keep up with
@@ -219,6 +260,7 @@ class Worker:
                 link.conn.state = CLOSED
             self.shard.end_link(link, now)
         self.shard.note_bytes(self.bytes_in, self.bytes_out)
+        self.security.refresh(now, time.time())
         self.shard.tick(now)
         self.store.commit()  # changes that produced no output (offline queues, expiries)
         self.shard.host.committed()
@@ -260,6 +302,8 @@ class Worker:
                 link.transport.abort()
         # every connection is gone: sessions are offline with their deadlines; keep them
         self.store.close()
+        self.hash_pool.shutdown(wait=False, cancel_futures=True)
+        self.io_pool.shutdown(wait=False, cancel_futures=True)
 
 
 async def _serve_tcp(worker: Worker, sock: socket.socket) -> asyncio.AbstractServer:
@@ -347,6 +391,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = boot("shoal", args.config)
     if cfg is None:
+        return 2
+    try:
+        # the ACL is read before anything starts: a broker without the rules asked for
+        # would allow too much
+        Security(cfg.auth, cfg.mqtt.allow_anonymous, cfg.runtime.data_dir).load(0.0, time.time())
+    except AclError as err:
+        print(f"shoal: {err}", file=sys.stderr)
         return 2
     if args.index is None:
         return run(cfg, serve(cfg))

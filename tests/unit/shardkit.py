@@ -30,6 +30,7 @@ class FakeLink:
         self.lost = False
         self.error: ProtocolError | None = None
         self._reader = FrameReader()
+        self._processing = False
         self.version = 4
 
     def wake(self) -> None:
@@ -39,13 +40,20 @@ class FakeLink:
         self.closed = True
 
     def resume(self, now: float) -> None:
-        pass  # send() drains every packet it fed
+        # accepted inside send(): its loop goes on; accepted later (an answer that
+        # came after send() returned): drain what arrived behind the CONNECT now
+        if not self._processing:
+            self._process(now)
 
     def send(self, packet: Packet, now: float = 0.0) -> None:
         """The client sends ``packet``; the shard handles it like the worker does."""
         if isinstance(packet, Connect):
             self.version = packet.protocol_level
         self.conn.receive_data(encode(packet, self.version), now)
+        self._process(now)
+
+    def _process(self, now: float) -> None:
+        self._processing = True
         try:
             while (p := self.conn.next_packet()) is not None:
                 self.shard.handle(self, p, now)
@@ -53,6 +61,8 @@ class FakeLink:
             self.error = err
             self.conn.fail(err)
             self.shard.end_link(self, now)
+        finally:
+            self._processing = False
 
     def received(self) -> list[Packet]:
         """Everything the broker wrote to this client since the last call."""
