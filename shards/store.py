@@ -63,10 +63,20 @@ CREATE TABLE IF NOT EXISTS retained (topic TEXT PRIMARY KEY, expires REAL, frame
 MessageRow = tuple[Any, ...]
 
 
-def _connect(path: str, synchronous: str) -> sqlite3.Connection:
+def _connect(path: str, synchronous: str, schema: str) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None, timeout=5.0, check_same_thread=False)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute(f"PRAGMA synchronous={synchronous}")
+    # N shards starting together open the shared retained.db at once: switching it to WAL
+    # needs a lock SQLite's busy handler does not always wait for, so retry briefly
+    for attempt in range(50):
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={synchronous}")
+            db.executescript(schema)
+            return db
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or attempt == 49:
+                raise
+            time.sleep(0.05 + 0.01 * attempt)
     return db
 
 
@@ -74,10 +84,8 @@ class Store:
     def __init__(self, data_dir: str, shard: int, synchronous: str = "NORMAL") -> None:
         os.makedirs(data_dir, exist_ok=True)
         self.path = os.path.join(data_dir, f"shard-{shard}.db")
-        self.db = _connect(self.path, synchronous)
-        self.db.executescript(_SCHEMA)
-        self.rdb = _connect(os.path.join(data_dir, "retained.db"), synchronous)
-        self.rdb.executescript(_RETAINED_SCHEMA)
+        self.db = _connect(self.path, synchronous, _SCHEMA)
+        self.rdb = _connect(os.path.join(data_dir, "retained.db"), synchronous, _RETAINED_SCHEMA)
         row = self.db.execute("SELECT COALESCE(MAX(ord), 0) FROM messages").fetchone()
         self._ord = int(row[0])
         self._sessions: dict[str, Session | None] = {}
