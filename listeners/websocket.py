@@ -226,8 +226,7 @@ class WebSocketServer:
         self._out.append(encode_frame(OP_CLOSE, close_payload(code, why)))
         self.close_code = code
         self.state = CLOSED
-        self._buf.clear()
-        raise WebSocketError(code, why)
+        raise WebSocketError(code, why)  # _frames() drops the buffer on its way out
 
     def _frames(self) -> bytes:
         buf = self._buf
@@ -294,10 +293,10 @@ class WebSocketServer:
                 # OP_PONG: unsolicited pongs are allowed and ignored
         finally:
             view.release()
-        if self.state != CLOSED:
-            del buf[:pos]
-        else:
-            buf.clear()
+            if self.state != CLOSED:
+                del buf[:pos]
+            else:
+                buf.clear()
         if not app:
             return b""
         return app[0] if len(app) == 1 else b"".join(app)
