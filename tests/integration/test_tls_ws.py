@@ -14,7 +14,6 @@ import ssl
 import struct
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,8 @@ from tests.conftest import _finish
 from tests.harness import Broker, start_shoal
 from tests.integration import rawclient as raw
 from tests.integration.pki import PKI
-from tests.wsframes import client_frame, parse_server_frames, upgrade_request
+from tests.integration.transports import HOST, TLSRaw, WSRaw, client_ctx
+from tests.wsframes import client_frame, upgrade_request
 
 pytestmark = [pytest.mark.integration, pytest.mark.shoal_only]
 
@@ -37,9 +37,6 @@ needs_mqttjs = pytest.mark.skipif(
     reason="node or MQTT.js (npm ci in tests/interop/node) is missing")
 needs_mosquitto_clients = pytest.mark.skipif(
     not shutil.which("mosquitto_pub"), reason="mosquitto clients are not installed")
-
-HOST = "127.0.0.1"
-
 
 def tls_table(pki: PKI, verify: str, username: str) -> dict[str, Any]:
     return {"enabled": True, "bind": HOST, "port": 0, "certfile": str(pki.server_cert),
@@ -75,84 +72,6 @@ def pb(loop_name: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bro
 
 
 # ------------------------------------------------------------------------- helpers
-
-def client_ctx(pki: PKI, cert: bool = True, stranger: bool = False) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=str(pki.ca))
-    if stranger:
-        ctx.load_cert_chain(str(pki.stranger_cert), str(pki.stranger_key))
-    elif cert:
-        ctx.load_cert_chain(str(pki.client_cert), str(pki.client_key))
-    return ctx
-
-
-class TLSRaw(raw.RawClient):
-    def __init__(self, port: int, ctx: ssl.SSLContext, timeout: float = 5.0) -> None:
-        plain = socket.create_connection((HOST, port), timeout=timeout)
-        self.sock = ctx.wrap_socket(plain, server_hostname="localhost")
-        self.timeout = timeout
-        self.buf = bytearray()
-        self.eof = False
-        self.version = 4
-
-
-class WSRaw(raw.RawClient):
-    """A raw MQTT client over WebSocket: MQTT bytes go out in masked binary frames
-    (split as a test asks); server frames are unwrapped, control frames kept apart."""
-
-    def __init__(self, port: int, sock: socket.socket | None = None, timeout: float = 5.0,
-                 handshake: bool = True) -> None:
-        if sock is None:
-            super().__init__(HOST, port, timeout)
-        else:  # a connection that has already sent something (a PROXY header)
-            self.sock, self.timeout, self.buf, self.eof, self.version = sock, timeout, bytearray(), False, 4
-        self.raw = b""
-        self.control: list[tuple[int, bytes]] = []
-        self.response = b""
-        if handshake:
-            self.sock.sendall(upgrade_request())
-            self.response = self.read_http()
-            assert self.response.startswith(b"HTTP/1.1 101 "), self.response
-
-    def read_http(self) -> bytes:
-        self.sock.settimeout(self.timeout)
-        while b"\r\n\r\n" not in self.raw:
-            chunk = self.sock.recv(4096)
-            if not chunk:
-                break
-            self.raw += chunk
-        head, _, self.raw = self.raw.partition(b"\r\n\r\n")
-        return head
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(client_frame(2, data))
-
-    def _fill(self, deadline: float) -> bool:
-        if self.eof:
-            return False
-        frames, self.raw = parse_server_frames(self.raw)
-        if not frames:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise raw.RawTimeout("no data from the broker in time")
-            self.sock.settimeout(remaining)
-            try:
-                chunk = self.sock.recv(65536)
-            except socket.timeout:
-                raise raw.RawTimeout("no data from the broker in time") from None
-            except (ConnectionResetError, ConnectionAbortedError):
-                chunk = b""
-            if not chunk:
-                self.eof = True
-                return False
-            self.raw += chunk
-            return True
-        for op, _fin, payload in frames:
-            if op == 2 or op == 0:
-                self.buf += payload
-            else:
-                self.control.append((op, payload))
-        return True
-
 
 def mqtt_connect(c: raw.RawClient, cid: str) -> None:
     c.send(raw.connect(cid))
@@ -254,7 +173,7 @@ def test_certificate_name_becomes_the_username(make_broker: Any, pki: PKI, uid: 
         c.send(raw.connect(f"{uid}plain"))
         assert c.expect(raw.CONNACK).body[1] != 0
     log = b.log()
-    assert f"refused CONNECT from 127.0.0.1" in log
+    assert "refused CONNECT from 127.0.0.1" in log
     assert f"({uid + 'c'!r}): no user store is configured" in log, log[-3000:]
     assert f"({uid + 'plain'!r}): anonymous access is disabled" in log
 
