@@ -160,3 +160,12 @@ def test_unmask_and_frame_header() -> None:
     assert frame_header(2, 5) == b"\x82\x05"
     assert frame_header(2, 300) == b"\x82\x7e\x01\x2c"
     assert frame_header(2, 70000) == b"\x82\x7f" + struct.pack("!Q", 70000)
+
+
+@pytest.mark.parametrize("n", [1, 3, 4, 5, 767, 768, 769, 770, 771, 1025, 70001])
+def test_unmask_both_paths_match_the_definition(n: int) -> None:
+    mask = b"\xa1\x02\xf3\x44"
+    data = bytes((i * 7) & 0xFF for i in range(n))
+    expected = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+    assert unmask(data, mask) == expected
+    assert unmask(memoryview(bytearray(b"xx" + data))[2:], mask) == expected  # unaligned view
