@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from shards.protocol.errors import Reason
 from shards.protocol.packets import (
-    MQTT_5, MQTT_311, Connack, Disconnect, Pingreq, Pingresp, Prop, Puback, Pubcomp, Publish,
+    MQTT_5, MQTT_311, Connack, Connect, Disconnect, Pingreq, Pingresp, Prop, Puback, Pubcomp, Publish,
     Pubrec, Pubrel, Suback, SubOptions, Subscribe, Unsuback, Unsubscribe, Will,
 )
-from tests.unit.shardkit import connect, make_shard, publishes, subscribe
+from tests.unit.shardkit import FakeLink, connect, make_shard, publishes, subscribe
 
 
 def connack(link) -> Connack:
@@ -444,3 +444,15 @@ def test_messages_routed_after_disconnect_before_transport_close_are_queued() ->
         pub.send(Publish("g", b"q%d" % k, qos=1, packet_id=k + 1))
     again = connect(shard, "s", clean_start=False, props={Prop.SESSION_EXPIRY_INTERVAL: 0})
     assert [p.payload for p in publishes(again.received())] == [b"q0", b"q1", b"q2"]
+
+
+def test_certificate_name_is_the_username_when_connect_has_none() -> None:
+    # no user store yet: a username is refused as "bad credentials", none as "not authorized",
+    # which tells whether the link's certificate name was used
+    shard = make_shard(allow_anonymous=False)
+    link = FakeLink(shard)
+    link.peer_username = "alice"  # type: ignore[attr-defined]
+    link.send(Connect("cert", protocol_level=MQTT_5))
+    assert connack(link).reason_code == Reason.BAD_USER_NAME_OR_PASSWORD
+    plain = connect(shard, "plain", version=MQTT_5)
+    assert connack(plain).reason_code == Reason.NOT_AUTHORIZED
