@@ -2,16 +2,36 @@
 and the client certificate's identity. Knows nothing of MQTT or of shoal's config.
 
 The record layer itself is the event loop's (``create_server(ssl=...)``): uvloop
-runs it in C, which no Python layer here could match.
+runs it in C, which no Python layer here could match. The loops report a failed
+handshake (a plain-text client, garbage, a missing or untrusted client
+certificate, an old TLS version) to nobody unless in debug mode, so the context's
+SSLObject class logs it: one line per failed handshake, never per record.
 """
 
 from __future__ import annotations
 
+import logging
 import ssl
 from typing import Any
 
+log = logging.getLogger("shoal.tls")
+
 VERIFY = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
 VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
+
+
+class _LoggedSSLObject(ssl.SSLObject):
+    """An SSLObject whose failed handshake leaves a log line (the peer address is not
+    known at this level; the reason is)."""
+
+    def do_handshake(self) -> None:
+        try:
+            super().do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise
+        except ssl.SSLError as err:
+            log.info("TLS handshake failed: %s; closing", err.reason or err)
+            raise
 
 
 def server_context(certfile: str, keyfile: str = "", cafile: str = "",
@@ -29,6 +49,7 @@ def server_context(certfile: str, keyfile: str = "", cafile: str = "",
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = VERSIONS[min_version]
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    ctx.sslobject_class = _LoggedSSLObject
     ctx.load_cert_chain(certfile, keyfile or None)
     if verify_client != "none":
         if not cafile:

@@ -159,6 +159,7 @@ def test_garbage_on_a_tls_port_is_closed(tb: Broker, pki: PKI, uid: str, port_na
             recv_until_closed(s)  # an alert at most, then the close
     with TLSRaw(tb.ports["tls"], client_ctx(pki)) as c:  # the listener still serves
         mqtt_connect(c, f"{uid}after")
+    assert "TLS handshake failed" in tb.log()
 
 
 @needs_mosquitto_clients
