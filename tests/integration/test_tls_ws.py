@@ -348,3 +348,20 @@ def test_no_or_bad_proxy_header_is_closed(pb: Broker, junk: bytes) -> None:
             s.sendall(junk)
             assert recv_until_closed(s) == b""
     assert "PROXY protocol error from 127.0.0.1" in pb.log()
+
+
+def test_stalled_handshakes_and_headers_end_at_the_connect_timeout(make_broker: Any, pki: PKI) -> None:
+    """No layer keeps a timer of its own: the MQTT connect timeout bounds a client that
+    stops inside a WebSocket upgrade, a PROXY header or a TLS handshake."""
+    b = make_broker({"mqtt": {"connect_timeout": 0.5}, "listeners": {
+        "tcp": {"proxy_protocol": True},
+        "ws": {"enabled": True, "bind": HOST, "port": 0},
+        "tls": tls_table(pki, "none", "none") | {"cafile": ""},
+    }})
+    for port, partial in ((b.ports["ws"], upgrade_request()[:40]),
+                          (b.ports["tcp"], b"PROXY TCP4 1.2.3.4"),
+                          (b.ports["tls"], b"\x16\x03\x01")):
+        with socket.create_connection((HOST, port), timeout=10) as s:
+            s.sendall(partial)
+            assert recv_until_closed(s, timeout=10) == b""
+    assert b.log().count("no CONNECT from") >= 2
