@@ -112,7 +112,7 @@ class Shard:
         conn = link.conn
         v5 = p.protocol_level == MQTT_5
         if p.username is None:  # mTLS: the verified certificate's name (worker's peer_username)
-            p.username = getattr(link, "peer_username", None)
+            p.username = link.peer_username
         refusal = self._check_connect(p)
         if refusal is not None:
             reason, why = refusal

@@ -451,7 +451,7 @@ def test_certificate_name_is_the_username_when_connect_has_none() -> None:
     # which tells whether the link's certificate name was used
     shard = make_shard(allow_anonymous=False)
     link = FakeLink(shard)
-    link.peer_username = "alice"  # type: ignore[attr-defined]
+    link.peer_username = "alice"
     link.send(Connect("cert", protocol_level=MQTT_5))
     assert connack(link).reason_code == Reason.BAD_USER_NAME_OR_PASSWORD
     plain = connect(shard, "plain", version=MQTT_5)
