@@ -75,7 +75,10 @@ def test_structured_frames_split_anywhere(spec: list[tuple[int, bytes, bool, boo
     a = feed_all(whole, [data])
     split = opened()
     b = feed_all(split, [data[i:i + step] for i in range(0, len(data), step)])
-    assert a == b and whole.state == split.state and whole.close_code == split.close_code
+    assert whole.state == split.state and whole.close_code == split.close_code
+    # a chunk that ends in a violation delivers none of its bytes (the connection is
+    # over); smaller chunks may have delivered the good frames before it
+    assert b.startswith(a) and (a == b or whole.closed)
 
 
 @settings(max_examples=200, deadline=None)
