@@ -27,7 +27,11 @@ def _bind_stream(table: Any, n: int) -> list[socket.socket]:
 def _bind_tls(table: Any, n: int) -> list[socket.socket]:
     # load the certificate files once before binding, so a missing or mismatched file
     # stops the router (or the one-process broker) at start, not each shard later
-    tls_context(table)
+    try:
+        tls_context(table)
+    except (OSError, ValueError) as err:
+        raise OSError(f"[{table.section_path}]: cannot use certfile {table.certfile!r}, "
+                      f"keyfile {table.keyfile!r}, cafile {table.cafile!r}: {err}") from err
     return _bind_stream(table, n)
 
 

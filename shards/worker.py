@@ -363,7 +363,12 @@ async def serve(cfg: Config) -> int:
     worker = Worker(cfg, loop)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stopping.set)
-    listeners = await worker.start()
+    try:
+        listeners = await worker.start()
+    except OSError as err:  # a port in use, an unreadable certificate: say which, no traceback
+        log.error("cannot start the listeners: %s", err)
+        worker.store.close()
+        return 1
     if cfg.runtime.ready_file:
         write_ready_file(cfg.runtime.ready_file, listeners)
     await worker.stopping.wait()

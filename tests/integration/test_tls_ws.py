@@ -365,3 +365,14 @@ def test_stalled_handshakes_and_headers_end_at_the_connect_timeout(make_broker: 
             s.sendall(partial)
             assert recv_until_closed(s, timeout=10) == b""
     assert b.log().count("no CONNECT from") >= 2
+
+
+def test_unreadable_certificate_stops_the_broker_with_a_clear_error(tmp_path: Path,
+                                                                    loop_name: str) -> None:
+    with pytest.raises(RuntimeError) as info:
+        start_shoal(tmp_path, {"listeners": {"tls": {"enabled": True, "port": 0, "bind": HOST,
+                                                     "certfile": str(tmp_path / "missing.pem")}}},
+                    loop=loop_name)
+    text = str(info.value)
+    assert "exited with 1" in text and "cannot start the listeners: [listeners.tls]" in text
+    assert "Traceback" not in text
