@@ -25,11 +25,11 @@ import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from shards.config import Config, ConfigError, load_config
-from shards.host import Host, LocalHost
 from listeners.proxy import ProxyProtocolLayer
 from listeners.tls import peer_identity
 from listeners.websocket import WebSocketLayer
+from shards.config import Config, ConfigError, load_config
+from shards.host import Host, LocalHost
 from shards.listening import bind_listeners, tls_context
 from shards.protocol.connection import CLOSED, MQTTConnection
 from shards.protocol.errors import ProtocolError, Reason
