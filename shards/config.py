@@ -34,6 +34,9 @@ __all__ = [
     "MQTTConfig",
     "RuntimeConfig",
     "TcpListenerConfig",
+    "TlsListenerConfig",
+    "WsListenerConfig",
+    "WssListenerConfig",
     "CONFIG_ENV",
     "ENV_PREFIX",
     "env_name",
@@ -90,27 +93,22 @@ def _table(cls: type, doc: str) -> Any:
 # Sections
 
 
-@dataclass(frozen=True, slots=True)
-class TcpListenerConfig:
-    path: ClassVar[str] = "listeners.tcp"
-
-    enabled: bool = _key(
-        True,
-        """Serve plain MQTT over TCP. On by default because TCP is the transport every MQTT
-        client speaks.""")
-    bind: str = _key(
+def _bind_key(what: str) -> Any:
+    return _key(
         "0.0.0.0",
-        """Address the TCP listener binds. 0.0.0.0 (every IPv4 interface) because a broker is a
-        server other hosts and containers connect to; set 127.0.0.1 for a broker reachable only
-        from this host (the tests do), or :: for IPv6.""")
-    port: int = _key(
-        1883,
-        """TCP port. 1883 is the IANA-registered MQTT port, so clients find the broker without
-        being told a port.""",
-        lo=0, hi=_UINT16,
-        zero="any free port, chosen by the kernel and reported in `runtime.ready_file` "
-             "(how tests avoid fixed ports)")
-    backlog: int = _key(
+        f"""Address the {what} listener binds. 0.0.0.0 (every IPv4 interface) because a broker
+        is a server other hosts and containers connect to; set 127.0.0.1 for a broker reachable
+        only from this host (the tests do), or :: for IPv6.""")
+
+
+def _port_key(default: int, doc: str) -> Any:
+    return _key(default, doc, lo=0, hi=_UINT16,
+                zero="any free port, chosen by the kernel and reported in `runtime.ready_file` "
+                     "(how tests avoid fixed ports)")
+
+
+def _backlog_key() -> Any:
+    return _key(
         1024,
         """Length of the kernel's queue of connections not yet accepted. 1024 rather than
         asyncio's default of 100: when every client reconnects at once (after a restart or a
@@ -118,23 +116,226 @@ class TcpListenerConfig:
         timeout of a second or more. The kernel caps it at net.core.somaxconn.""",
         lo=1, hi=_UINT16)
 
+
+def _proxy_key() -> Any:
+    return _key(
+        False,
+        """Expect a PROXY protocol header (v1 text or v2 binary, as HAProxy's send-proxy and
+        send-proxy-v2 write) at the start of every connection, and take the client's address
+        from it. Off by default: with it on, a connection without the header is closed, and
+        anyone who reaches the port directly could claim any address, so turn it on only
+        where the balancer is the sole way in.""")
+
+
+def _certfile_key() -> Any:
+    return _key(
+        "",
+        """PEM file with the server's certificate, followed by any intermediate certificates.
+        Empty by default: there is no certificate a broker could be trusted with out of the
+        box, so a TLS listener is enabled only by an operator who supplies one.""",
+        zero="(empty) none; required when the listener is enabled")
+
+
+def _keyfile_key() -> Any:
+    return _key(
+        "",
+        """PEM file with the private key of certfile.""",
+        zero="(empty) the key is read from certfile")
+
+
+def _cafile_key() -> Any:
+    return _key(
+        "",
+        """PEM file of the certificate authorities whose client certificates are accepted
+        (mutual TLS). Needed when verify_client is optional or required.""",
+        zero="(empty) no client CA")
+
+
+def _verify_client_key() -> Any:
+    return _key(
+        "none",
+        """Whether clients present a certificate: none (not asked), optional (asked, checked
+        against cafile when sent), required (a client without a valid certificate fails the
+        handshake). none by default, as most MQTT deployments authenticate with credentials
+        inside MQTT rather than certificates.""",
+        choices=("none", "optional", "required"))
+
+
+def _peer_cert_key() -> Any:
+    return _key(
+        "none",
+        """Take the MQTT username of a client that sends none from its verified certificate:
+        cn (the subject's common name), san (its first DNS, email or URI subject alternative
+        name) or none. A username the client sends itself wins. none by default; cn or san
+        need verify_client optional or required, since an unverified name proves nothing.""",
+        choices=("none", "cn", "san"))
+
+
+def _min_version_key() -> Any:
+    return _key(
+        "TLSv1.2",
+        """Oldest TLS version accepted. TLSv1.2 because TLS 1.0 and 1.1 are deprecated (RFC
+        8996) and every maintained MQTT client speaks 1.2; TLSv1.3 refuses older clients.""",
+        choices=("TLSv1.2", "TLSv1.3"))
+
+
+def _ws_path_key() -> Any:
+    return _key(
+        "/mqtt",
+        """HTTP path of the WebSocket endpoint; other paths are answered 404. /mqtt is what
+        MQTT.js, paho and EMQX/Mosquitto examples use.""")
+
+
+def _max_frame_key() -> Any:
+    return _key(
+        2097152,
+        """Largest WebSocket frame accepted, in bytes of payload; a larger one closes the
+        connection with 1009 (message too big). 2 MiB so that a client that sends each MQTT
+        packet as one frame can send a packet of mqtt.max_packet_size (1 MiB by default) with
+        room to spare; frames are not reassembled into messages, so this bounds what one
+        connection makes the shard buffer.""",
+        lo=126, hi=_MQTT_MAX_PACKET + 16, unit="bytes")
+
+
+def _check_bind(section: Any) -> None:
+    if not section.bind.strip():
+        p = type(section).section_path
+        raise ConfigError(f"{p}.bind: must not be empty", key=f"{p}.bind")
+
+
+def _check_tls(section: Any) -> None:
+    p = type(section).section_path
+    if section.enabled and not section.certfile:
+        raise ConfigError(f"{p}.certfile: a TLS listener needs a certificate; set certfile "
+                          f"(and keyfile) or disable the listener", key=f"{p}.certfile")
+    if section.verify_client != "none" and not section.cafile:
+        raise ConfigError(f"{p}.cafile: verify_client = {section.verify_client!r} needs the "
+                          f"client CA file", key=f"{p}.cafile")
+    if section.peer_cert_as_username != "none" and section.verify_client == "none":
+        raise ConfigError(f"{p}.peer_cert_as_username: needs verify_client optional or "
+                          f"required (an unverified certificate proves no name)",
+                          key=f"{p}.peer_cert_as_username")
+
+
+def _check_ws(section: Any) -> None:
+    p = type(section).section_path
+    if not section.path.startswith("/"):
+        raise ConfigError(f"{p}.path: must start with '/'", key=f"{p}.path")
+
+
+@dataclass(frozen=True, slots=True)
+class TcpListenerConfig:
+    section_path: ClassVar[str] = "listeners.tcp"
+
+    enabled: bool = _key(
+        True,
+        """Serve plain MQTT over TCP. On by default because TCP is the transport every MQTT
+        client speaks.""")
+    bind: str = _bind_key("TCP")
+    port: int = _port_key(
+        1883,
+        """TCP port. 1883 is the IANA-registered MQTT port, so clients find the broker without
+        being told a port.""")
+    backlog: int = _backlog_key()
+    proxy_protocol: bool = _proxy_key()
+
     def __post_init__(self) -> None:
         _validate(self)
-        if not self.bind.strip():
-            raise ConfigError(f"{self.path}.bind: must not be empty", key=f"{self.path}.bind")
+        _check_bind(self)
+
+
+@dataclass(frozen=True, slots=True)
+class TlsListenerConfig:
+    section_path: ClassVar[str] = "listeners.tls"
+
+    enabled: bool = _key(
+        False,
+        """Serve MQTT over TLS. Off by default because it needs a certificate the operator
+        supplies (certfile): the embedded defaults must start a broker with no files at all,
+        and a self-signed certificate generated on first start would only teach clients to
+        skip verification.""")
+    bind: str = _bind_key("TLS")
+    port: int = _port_key(
+        8883,
+        """TLS port. 8883 is the IANA-registered port of MQTT over TLS.""")
+    backlog: int = _backlog_key()
+    certfile: str = _certfile_key()
+    keyfile: str = _keyfile_key()
+    cafile: str = _cafile_key()
+    verify_client: str = _verify_client_key()
+    peer_cert_as_username: str = _peer_cert_key()
+    min_version: str = _min_version_key()
+
+    def __post_init__(self) -> None:
+        _validate(self)
+        _check_bind(self)
+        _check_tls(self)
+
+
+@dataclass(frozen=True, slots=True)
+class WsListenerConfig:
+    section_path: ClassVar[str] = "listeners.ws"
+
+    enabled: bool = _key(
+        False,
+        """Serve MQTT over WebSocket (binary frames, subprotocol mqtt), for browsers and
+        clients behind HTTP-only proxies. Off by default so that a default broker opens only
+        the one port every client needs; turn it on where browsers connect.""")
+    bind: str = _bind_key("WebSocket")
+    port: int = _port_key(
+        8083,
+        """WebSocket port. 8083 is the port EMQX and most MQTT-over-WebSocket examples use.""")
+    backlog: int = _backlog_key()
+    path: str = _ws_path_key()
+    max_frame_size: int = _max_frame_key()
+    proxy_protocol: bool = _proxy_key()
+
+    def __post_init__(self) -> None:
+        _validate(self)
+        _check_bind(self)
+        _check_ws(self)
+
+
+@dataclass(frozen=True, slots=True)
+class WssListenerConfig:
+    section_path: ClassVar[str] = "listeners.wss"
+
+    enabled: bool = _key(
+        False,
+        """Serve MQTT over WebSocket over TLS. Off by default for the reasons of both
+        [listeners.tls] (it needs a certificate) and [listeners.ws].""")
+    bind: str = _bind_key("WSS")
+    port: int = _port_key(
+        8084,
+        """WSS port. 8084 is the port EMQX and most MQTT-over-WSS examples use.""")
+    backlog: int = _backlog_key()
+    path: str = _ws_path_key()
+    max_frame_size: int = _max_frame_key()
+    certfile: str = _certfile_key()
+    keyfile: str = _keyfile_key()
+    cafile: str = _cafile_key()
+    verify_client: str = _verify_client_key()
+    peer_cert_as_username: str = _peer_cert_key()
+    min_version: str = _min_version_key()
+
+    def __post_init__(self) -> None:
+        _validate(self)
+        _check_bind(self)
+        _check_ws(self)
+        _check_tls(self)
 
 
 @dataclass(frozen=True, slots=True)
 class ListenersConfig:
-    """One table per transport. TLS, WebSocket, WSS and QUIC listeners are planned; each will
-    be a table of its own here (``[listeners.tls]`` ...), with its own dataclass."""
+    """One table per transport. A QUIC listener is planned as a table of its own."""
 
-    path: ClassVar[str] = "listeners"
+    section_path: ClassVar[str] = "listeners"
 
-    tcp: TcpListenerConfig = _table(
-        TcpListenerConfig,
-        "Plain MQTT over TCP. Listeners for TLS, WebSocket, WSS and QUIC are planned; each will "
-        "be a table of its own, `[listeners.<transport>]`.")
+    tcp: TcpListenerConfig = _table(TcpListenerConfig, "Plain MQTT over TCP.")
+    tls: TlsListenerConfig = _table(
+        TlsListenerConfig, "MQTT over TLS (1.2 or newer), optionally with client certificates.")
+    ws: WsListenerConfig = _table(WsListenerConfig, "MQTT over WebSocket.")
+    wss: WssListenerConfig = _table(WssListenerConfig, "MQTT over WebSocket over TLS.")
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -146,7 +347,7 @@ class ListenersConfig:
 
 @dataclass(frozen=True, slots=True)
 class MQTTConfig:
-    path: ClassVar[str] = "mqtt"
+    section_path: ClassVar[str] = "mqtt"
 
     max_packet_size: int = _key(
         1048576,
@@ -311,7 +512,7 @@ AUTH_BACKENDS = ("builtin", "http", "postgresql", "mysql")
 
 @dataclass(frozen=True, slots=True)
 class AuthConfig:
-    path: ClassVar[str] = "auth"
+    section_path: ClassVar[str] = "auth"
 
     backends: str = _key(
         "",
@@ -524,7 +725,7 @@ class AuthConfig:
 
 @dataclass(frozen=True, slots=True)
 class LogConfig:
-    path: ClassVar[str] = "log"
+    section_path: ClassVar[str] = "log"
 
     level: str = _key(
         "INFO",
@@ -542,7 +743,7 @@ class LogConfig:
 
 @dataclass(frozen=True, slots=True)
 class RuntimeConfig:
-    path: ClassVar[str] = "runtime"
+    section_path: ClassVar[str] = "runtime"
 
     loop: str = _key(
         "uvloop",
@@ -581,7 +782,7 @@ class RuntimeConfig:
 
 @dataclass(frozen=True, slots=True)
 class Config:
-    path: ClassVar[str] = ""
+    section_path: ClassVar[str] = ""
 
     listeners: ListenersConfig = _table(
         ListenersConfig, "Where clients connect: one table per transport.")
@@ -671,7 +872,7 @@ def _range_text(meta: Mapping[str, Any]) -> str:
 
 
 def _validate(section: Any) -> None:
-    prefix = type(section).path
+    prefix = type(section).section_path
     for f in fields(section):
         key = f"{prefix}.{f.name}" if prefix else f.name
         value = getattr(section, f.name)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from listeners.sockets import make_stream_group
+from listeners.tls import server_context
 from shards.config import Config
 
 # name -> (the listener's config table, n) -> sockets; bound in this order
@@ -23,8 +24,28 @@ def _bind_stream(table: Any, n: int) -> list[socket.socket]:
     return make_stream_group(table.bind, table.port, table.backlog, n)
 
 
+def _bind_tls(table: Any, n: int) -> list[socket.socket]:
+    # load the certificate files once before binding, so a missing or mismatched file
+    # stops the router (or the one-process broker) at start, not each shard later
+    try:
+        tls_context(table)
+    except (OSError, ValueError) as err:
+        raise OSError(f"[{table.section_path}]: cannot use certfile {table.certfile!r}, "
+                      f"keyfile {table.keyfile!r}, cafile {table.cafile!r}: {err}") from err
+    return _bind_stream(table, n)
+
+
+def tls_context(table: Any) -> Any:
+    """The SSLContext of a [listeners.tls] or [listeners.wss] table."""
+    return server_context(table.certfile, table.keyfile, table.cafile, table.verify_client,
+                          table.min_version)
+
+
 BINDERS: dict[str, Binder] = {
     "tcp": _bind_stream,
+    "tls": _bind_tls,
+    "ws": _bind_stream,
+    "wss": _bind_tls,
 }
 
 

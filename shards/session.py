@@ -35,8 +35,15 @@ class Link(Protocol):
     conn: MQTTConnection
     session: Session | None
     congested: bool
-    peer: str
     disconnected_cleanly: bool
+    # the name a verified client certificate gives (TLS listeners with
+    # peer_cert_as_username); used as the username when CONNECT carries none
+    peer_username: str | None
+
+    @property
+    def peer(self) -> str:
+        """The client's address, for log lines (read when needed: a PROXY header can
+        change it after the connection is made)."""
 
     def wake(self) -> None:
         """Output is pending: flush it once this loop turn ends."""

@@ -115,6 +115,8 @@ class Shard:
 
     def connect(self, link: Link, p: Connect, now: float) -> None:
         conn = link.conn
+        if p.username is None:  # mTLS: the verified certificate's name (worker's peer_username)
+            p.username = link.peer_username
         refusal = self._check_connect(p)
         if refusal is not None:
             reason, why = refusal

@@ -27,10 +27,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 from pathlib import Path
 
+from listeners.proxy import ProxyProtocolLayer
+from listeners.tls import peer_identity
+from listeners.websocket import WebSocketLayer
 from shards.config import Config
 from shards.process import boot, run, run_dir_for
 from shards.host import Host, LocalHost
-from shards.listening import bind_listeners
+from shards.listening import bind_listeners, tls_context
 from shards.protocol.connection import CLOSED, MQTTConnection
 from shards.protocol.errors import ProtocolError, Reason
 from shards.hostlink import RouterHost, Welcome, join_router
@@ -53,15 +56,18 @@ ROUTER_LOSS_GRACE = 1.0
 class ClientProtocol(asyncio.Protocol):
     """One client connection: the Link the shard writes through."""
 
-    __slots__ = ("worker", "transport", "conn", "session", "congested", "peer",
-                 "disconnected_cleanly", "_dirty", "_closing", "_processing")
+    __slots__ = ("worker", "transport", "conn", "session", "congested", "peer_username",
+                 "cert_username", "disconnected_cleanly", "_dirty", "_closing", "_processing")
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: Worker, cert_username: str = "none") -> None:
         self.worker = worker
         self.transport: asyncio.Transport | None = None
         self.session: Session | None = None
         self.congested = False
-        self.peer = "?"
+        # the username a verified client certificate gives (TLS/WSS with
+        # peer_cert_as_username); the shard uses it when CONNECT carries none
+        self.peer_username: str | None = None
+        self.cert_username = cert_username
         self.disconnected_cleanly = False
         self._dirty = False
         self._closing = False
@@ -77,11 +83,20 @@ class ClientProtocol(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        if self.cert_username != "none":
+            self.peer_username = peer_identity(transport.get_extra_info("peercert"),
+                                               self.cert_username)
         self.worker.links.add(self)
         if self.worker.input_paused:
             transport.pause_reading()  # type: ignore[attr-defined]
+
+    @property
+    def peer(self) -> str:
+        """host:port of the client, for log lines. Read when needed, not at accept: a PROXY
+        protocol layer learns the real address only after the connection is made."""
+        transport = self.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
 
     def data_received(self, data: bytes) -> None:
         worker = self.worker
@@ -307,13 +322,53 @@ class Worker:
 
 
 async def _serve_tcp(worker: Worker, sock: socket.socket) -> asyncio.AbstractServer:
-    return await worker.loop.create_server(lambda: ClientProtocol(worker), sock=sock,
-                                           backlog=worker.cfg.listeners.tcp.backlog)
+    table = worker.cfg.listeners.tcp
+    if table.proxy_protocol:
+        def factory() -> asyncio.Protocol:
+            return ProxyProtocolLayer(ClientProtocol(worker))
+    else:
+        def factory() -> asyncio.Protocol:
+            return ClientProtocol(worker)
+    return await worker.loop.create_server(factory, sock=sock, backlog=table.backlog)
+
+
+async def _serve_tls(worker: Worker, sock: socket.socket) -> asyncio.AbstractServer:
+    # the loop runs the TLS record layer (uvloop: in C); a handshake that stalls is
+    # bounded by the connect timeout, as a CONNECT that never comes would be
+    table = worker.cfg.listeners.tls
+    mode = table.peer_cert_as_username
+    return await worker.loop.create_server(
+        lambda: ClientProtocol(worker, mode), sock=sock, backlog=table.backlog,
+        ssl=tls_context(table), ssl_handshake_timeout=worker.cfg.mqtt.connect_timeout)
+
+
+async def _serve_ws(worker: Worker, sock: socket.socket) -> asyncio.AbstractServer:
+    table = worker.cfg.listeners.ws
+    path, max_frame = table.path, table.max_frame_size
+    if table.proxy_protocol:
+        def factory() -> asyncio.Protocol:
+            return ProxyProtocolLayer(WebSocketLayer(ClientProtocol(worker), path, max_frame))
+    else:
+        def factory() -> asyncio.Protocol:
+            return WebSocketLayer(ClientProtocol(worker), path, max_frame)
+    return await worker.loop.create_server(factory, sock=sock, backlog=table.backlog)
+
+
+async def _serve_wss(worker: Worker, sock: socket.socket) -> asyncio.AbstractServer:
+    table = worker.cfg.listeners.wss
+    path, max_frame, mode = table.path, table.max_frame_size, table.peer_cert_as_username
+    return await worker.loop.create_server(
+        lambda: WebSocketLayer(ClientProtocol(worker, mode), path, max_frame), sock=sock,
+        backlog=table.backlog, ssl=tls_context(table),
+        ssl_handshake_timeout=worker.cfg.mqtt.connect_timeout)
 
 
 # how a shard serves a listening socket of each transport (see shards/listening.py)
 SERVERS: dict[str, Callable[[Worker, socket.socket], Awaitable[asyncio.AbstractServer]]] = {
     "tcp": _serve_tcp,
+    "tls": _serve_tls,
+    "ws": _serve_ws,
+    "wss": _serve_wss,
 }
 
 
@@ -329,7 +384,12 @@ async def serve(cfg: Config) -> int:
     worker = Worker(cfg, loop)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stopping.set)
-    listeners = await worker.start()
+    try:
+        listeners = await worker.start()
+    except OSError as err:  # a port in use, an unreadable certificate: say which, no traceback
+        log.error("cannot start the listeners: %s", err)
+        worker.store.close()
+        return 1
     if cfg.runtime.ready_file:
         write_ready_file(cfg.runtime.ready_file, listeners)
     await worker.stopping.wait()

@@ -25,6 +25,7 @@ class FakeLink:
         self.session: Session | None = None
         self.congested = False
         self.peer = "test"
+        self.peer_username: str | None = None
         self.disconnected_cleanly = False
         self.closed = False
         self.lost = False

@@ -426,3 +426,44 @@ def test_cli_broker_runs_the_worker_lazily(monkeypatch: pytest.MonkeyPatch) -> N
     assert cli.main(["broker", "--config", "x.toml"]) == 0
     assert cli.main(["broker"]) == 0
     assert calls == [["--config", "x.toml"], []]
+
+
+# -- TLS, WebSocket, WSS listeners ------------------------------------------------------------
+
+
+def test_tls_ws_wss_are_off_by_default_and_need_no_files() -> None:
+    c = load_config(env={})
+    assert not c.listeners.tls.enabled and not c.listeners.ws.enabled and not c.listeners.wss.enabled
+    assert (c.listeners.tls.port, c.listeners.ws.port, c.listeners.wss.port) == (8883, 8083, 8084)
+    assert c.listeners.ws.path == c.listeners.wss.path == "/mqtt"
+    assert c.listeners.tls.min_version == "TLSv1.2"
+    assert not c.listeners.tcp.proxy_protocol and not c.listeners.ws.proxy_protocol
+
+
+@pytest.mark.parametrize("text, key", [
+    ("[listeners.tls]\nenabled = true\n", "listeners.tls.certfile"),
+    ("[listeners.wss]\nenabled = true\n", "listeners.wss.certfile"),
+    ("[listeners.tls]\nenabled = true\ncertfile = 'c.pem'\nverify_client = 'required'\n",
+     "listeners.tls.cafile"),
+    ("[listeners.wss]\nverify_client = 'optional'\n", "listeners.wss.cafile"),
+    ("[listeners.tls]\npeer_cert_as_username = 'cn'\n", "listeners.tls.peer_cert_as_username"),
+    ("[listeners.ws]\npath = 'mqtt'\n", "listeners.ws.path"),
+    ("[listeners.ws]\nmax_frame_size = 10\n", "listeners.ws.max_frame_size"),
+    ("[listeners.tls]\nmin_version = 'TLSv1.1'\n", "listeners.tls.min_version"),
+    ("[listeners.tls]\nverify_client = 'maybe'\n", "listeners.tls.verify_client"),
+    ("[listeners.tls]\nproxy_protocol = true\n", "listeners.tls.proxy_protocol"),
+    ("[listeners.ws]\nbind = ' '\n", "listeners.ws.bind"),
+])
+def test_tls_and_ws_tables_are_validated(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), env={})
+    assert info.value.key == key, info.value
+
+
+def test_a_tls_listener_with_its_files_is_accepted(tmp_path: Path) -> None:
+    c = load_config(write(tmp_path, "[listeners.tls]\nenabled = true\ncertfile = 'c.pem'\n"
+                          "cafile = 'ca.pem'\nverify_client = 'required'\n"
+                          "peer_cert_as_username = 'san'\n[listeners.tcp]\nenabled = false\n"),
+                    env={"SHOAL_LISTENERS__WS__ENABLED": "1"})
+    assert c.listeners.tls.enabled and c.listeners.ws.enabled and not c.listeners.tcp.enabled
+    assert c.listeners.tls.peer_cert_as_username == "san"

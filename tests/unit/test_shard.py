@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from shards.protocol.errors import Reason
 from shards.protocol.packets import (
-    MQTT_5, MQTT_311, Connack, Disconnect, Pingreq, Pingresp, Prop, Puback, Pubcomp, Publish,
+    MQTT_5, MQTT_311, Connack, Connect, Disconnect, Pingreq, Pingresp, Prop, Puback, Pubcomp, Publish,
     Pubrec, Pubrel, Suback, SubOptions, Subscribe, Unsuback, Unsubscribe, Will,
 )
 from shards.config import MQTTConfig
 from shards.host import LocalHost
 from shards.shard import Shard
-from tests.unit.shardkit import connect, make_shard, publishes, subscribe
+from tests.unit.shardkit import FakeLink, connect, make_shard, publishes, subscribe
 
 
 def connack(link) -> Connack:
@@ -466,3 +466,15 @@ def test_local_takeover_does_not_release_the_id_it_just_claimed() -> None:
     link = connect(shard, "y")
     link.send(Disconnect())
     assert host.released_ids == ["y"]
+
+
+def test_certificate_name_is_the_username_when_connect_has_none() -> None:
+    # no user store yet: a username is refused as "bad credentials", none as "not authorized",
+    # which tells whether the link's certificate name was used
+    shard = make_shard(allow_anonymous=False)
+    link = FakeLink(shard)
+    link.peer_username = "alice"
+    link.send(Connect("cert", protocol_level=MQTT_5))
+    assert connack(link).reason_code == Reason.BAD_USER_NAME_OR_PASSWORD
+    plain = connect(shard, "plain", version=MQTT_5)
+    assert connack(plain).reason_code == Reason.NOT_AUTHORIZED
