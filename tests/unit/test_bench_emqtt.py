@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 
 from bench.emqtt import (
@@ -62,3 +64,37 @@ def test_receive_maximum_from_connack() -> None:
     body = b"\x00\x00" + bytes([len(props)]) + props
     assert receive_maximum(body) == 32
     assert receive_maximum(b"\x00\x00\x00") is None
+
+
+def _reporter(tmp_path, png: bool):
+    from bench.emqtt import Reporter
+    a = build_parser().parse_args(["sub", "-t", "t", "-c", "2"])
+    o = opts_from_args("sub", a)
+    out = io.StringIO()
+    rep = Reporter(o, out=out, csv_path=str(tmp_path / "r.csv"),
+                   png_path=str(tmp_path / "r.png") if png else None)
+    base = {"connected": 2, "conn_ok": 2, "conn_fail": 0, "disconnected": 0, "subscribed": 2,
+            "sent": 0, "acked": 0, "ready": 2, "errors": []}
+    rep.tick({**base, "received": 100, "lat": [1_000_000, 2_000_000, 3_000_000]})
+    rep.tick({**base, "received": 300, "lat": [4_000_000]})
+    return rep, out
+
+
+def test_live_lines_summary_and_csv(tmp_path) -> None:
+    rep, out = _reporter(tmp_path, png=False)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and "connected=2" in lines[0] and "recv/s=" in lines[0]
+    assert "p50=2.00" in lines[0] and "p99=4.00" in lines[1]
+    s = rep.summary({"conn_ok": 2, "conn_fail": 0, "disconnected": 0, "subscribed": 2,
+                     "sent": 0, "acked": 0, "received": 300, "errors": [], "lat": []})
+    assert s["received"] == 300 and s["latency_samples"] == 4 and s["max_ms"] == 4.0
+    rep.write_files()
+    rows = (tmp_path / "r.csv").read_text().splitlines()
+    assert rows[0].startswith("t,connected,") and len(rows) == 3
+
+
+def test_png_plot(tmp_path) -> None:
+    pytest.importorskip("matplotlib", reason="--png needs matplotlib (pip install matplotlib)")
+    rep, _ = _reporter(tmp_path, png=True)
+    rep.write_files()
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
