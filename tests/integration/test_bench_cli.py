@@ -81,9 +81,11 @@ def test_conn_holds_50(broker: Broker) -> None:
     assert (s["connected"], s["conn_failed"], s["disconnected"]) == (50, 0, 0)
 
 
-def test_conn_over_two_processes(broker: Broker) -> None:
+def test_conn_over_two_processes_and_source_addresses(broker: Broker) -> None:
+    # 127.0.0.0/8 is all loopback on Linux: two source addresses without any setup
     code, s, out = run_bench("conn", *target(broker), "-c", "20", "-i", "1", "--duration", "0",
                              "--procs", "2", "-V", "4", "--shortids",
+                             "--ifaddr", "127.0.0.1,127.0.0.2",
                              "--prefix", f"m{uuid.uuid4().hex[:8]}-")
     assert code == 0, out
     assert s["connected"] == 20 and s["conn_failed"] == 0
