@@ -5,6 +5,7 @@
 - ``Shoal(shards=1)``: one ``python -m shards`` process, the whole broker.
 - ``Shoal(shards=N)``: ``python -m router`` plus N ``python -m shards --index k --workers N``
   with one config file; the router writes the ready file once every shard is ready.
+- ``Amqtt``: amqtt (PyPI) from a generated YAML config, anonymous, no logging plugins.
 - ``Sink``: bench/loadgen.py's trivial forwarder, to measure the generator itself.
 
 Each broker knows its pids (for CPU accounting from /proc/<pid>/stat), pins them to CPUs,
@@ -205,6 +206,62 @@ class Mosquitto(Broker):
             return "mosquitto ?"
 
 
+AMQTT_CONFIG = """\
+---
+listeners:
+  default:
+    type: tcp
+    bind: 127.0.0.1:{port}
+    max_connections: 0
+plugins:
+  amqtt.plugins.authentication.AnonymousAuthPlugin:
+    allow_anonymous: true
+"""
+
+
+class Amqtt(Broker):
+    """amqtt (PyPI, pure-Python asyncio broker; MQTT 3.1.1 only) with anonymous access and
+    none of its packet/event logging plugins, so logging is not what is measured."""
+
+    name = "amqtt"
+
+    def start(self, cpus: set[int] | None = None) -> None:
+        try:
+            import amqtt  # noqa: F401  (only to say clearly what is missing)
+        except ImportError:
+            raise RuntimeError("amqtt is not installed (pip install amqtt)") from None
+        self.port = free_port()
+        conf = os.path.join(self.dir, "amqtt.yaml")
+        with open(conf, "w") as f:
+            f.write(AMQTT_CONFIG.format(port=self.port))
+        self._spawn([sys.executable, "-c",
+                     "import sys; from amqtt.scripts.broker_script import main; sys.exit(main())",
+                     "-c", conf], "amqtt.log")
+        self.pin(cpus)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.procs[0].poll() is not None:
+                raise RuntimeError(f"amqtt exited: {self.log_lines()[-20:]}")
+            try:
+                socket.create_connection((self.host, self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise TimeoutError("amqtt did not listen")
+
+    def log_lines(self, since: dict[str, int] | None = None) -> list[str]:
+        # amqtt logs every connection at INFO: keep warnings and errors only
+        return [line for line in super().log_lines(since) if " :: INFO - " not in line]
+
+    @staticmethod
+    def version() -> str:
+        try:
+            from importlib.metadata import version
+            return f"amqtt {version('amqtt')}"
+        except Exception:  # not installed
+            return "amqtt ?"
+
+
 SHOAL_CONFIG = """\
 [listeners.tcp]
 bind = "127.0.0.1"
@@ -296,6 +353,8 @@ def make(name: str) -> Broker:
         return Mosquitto()
     if name == "sink":
         return Sink()
+    if name == "amqtt":
+        return Amqtt()
     if name.startswith("shoal-"):
         return Shoal(int(name.split("-", 1)[1]))
-    raise ValueError(f"unknown broker {name!r}: mosquitto, shoal-N, sink")
+    raise ValueError(f"unknown broker {name!r}: mosquitto, amqtt, shoal-N, sink")

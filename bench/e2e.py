@@ -48,7 +48,7 @@ import sys
 import time
 
 from bench import loadgen
-from bench.brokers import REPO, Broker, Mosquitto, make
+from bench.brokers import REPO, Amqtt, Broker, Mosquitto, make
 from bench.loadgen import Plan, Run, fan_in, pairs, summarize
 
 RESULTS = os.path.join(REPO, "bench", "results")
@@ -387,6 +387,9 @@ def report(meta: dict, calib: list[dict], rows: list[dict], infos: list[dict]) -
     w("")
     w(f"- commit `{meta['commit']}`{' (+ uncommitted changes)' if meta['dirty'] else ''}; "
       f"{meta['machine']}; Python {meta['python']}; {meta['mosquitto']}")
+    if meta.get("amqtt"):
+        w(f"- also {meta['amqtt']} (pure-Python asyncio broker, MQTT 3.1.1 only; one process, "
+          "pinned like Mosquitto)")
     w(f"- window {meta['duration']} s after {meta['warmup']} s warm-up per scenario; "
       f"64-byte payloads; MQTT 3.1.1; QoS 0 flat out with at most {meta['backlog']:,} messages "
       f"sent but not yet delivered (split over the publishers, ≥ 256 each); "
@@ -506,6 +509,39 @@ def report(meta: dict, calib: list[dict], rows: list[dict], infos: list[dict]) -
     return "\n".join(out)
 
 
+def chart(rows: list[dict], path: str, title: str) -> None:
+    """Grouped bars: delivered msg/s per scenario (same-/cross-shard rows left out), one bar
+    per broker, each labelled with its ratio to Mosquitto."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in rows if not r.get("placement")]
+    scen = list(dict.fromkeys(r["scenario"] for r in rows))
+    brokers = list(dict.fromkeys(r["broker"] for r in rows))
+    val = {(r["scenario"], r["broker"]): r["delivered_per_s"] for r in rows}
+    fig, ax = plt.subplots(figsize=(max(7, 2.4 * len(scen)), 4.8))
+    width = 0.8 / max(1, len(brokers))
+    for k, b in enumerate(brokers):
+        xs = [i + (k - (len(brokers) - 1) / 2) * width for i in range(len(scen))]
+        ys = [val.get((s, b), 0) for s in scen]
+        bars = ax.bar(xs, ys, width, label=b)
+        for bar, s in zip(bars, scen):
+            m = val.get((s, "mosquitto"))
+            v = val.get((s, b))
+            if m and v:
+                ax.annotate(f"{v / m:.2f}×", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                            ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(scen)))
+    ax.set_xticklabels(scen, fontsize=8)
+    ax.set_ylabel("delivered msg/s")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def git_info() -> tuple[str, bool]:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
@@ -588,6 +624,7 @@ async def main_async(args) -> int:
         "backlog": args.backlog, "window": args.window, "quick": args.quick,
         "placement_pairs": args.placement_pairs,
         "argv": sys.argv[1:],
+        "amqtt": Amqtt.version() if "amqtt" in args.brokers.split(",") else None,
     }
     calib: list[dict] = []
     if not args.no_calibrate:
@@ -618,18 +655,28 @@ async def main_async(args) -> int:
     with open(os.path.join(RESULTS, f"e2e-{stamp}.json"), "w") as f:
         json.dump({"meta": meta, "calibration": calib, "rows": rows, "brokers": infos}, f,
                   indent=1, default=str)
+    if args.png:
+        png = os.path.join(RESULTS, f"e2e-{stamp}.png") if args.png is True else args.png
+        try:
+            chart(rows, png, f"delivered msg/s, MQTT 3.1.1, {meta['date']} "
+                             f"(labels: ratio to mosquitto)")
+            log(f"wrote {png}")
+        except ImportError:
+            log("no PNG: matplotlib is not installed (pip install matplotlib)")
     log(f"wrote {md} (+ .json) in {meta['elapsed_s']:.0f} s")
     bad = any(r.get("qos1_violation") for r in rows)
     return 1 if bad else 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.e2e",
+def main(argv: list[str] | None = None, prog: str = "python -m bench.e2e",
+         default_brokers: str = "mosquitto,shoal-1,shoal-2") -> int:
+    ap = argparse.ArgumentParser(prog=prog,
                                  description="shoal vs Mosquitto, end to end, side by side")
     ap.add_argument("--duration", type=float, default=10.0, help="measurement window, s")
     ap.add_argument("--warmup", type=float, default=2.0, help="warm-up before the window, s")
     ap.add_argument("--quick", action="store_true", help="3 s windows, 1 s warm-up")
-    ap.add_argument("--brokers", default="mosquitto,shoal-1,shoal-2")
+    ap.add_argument("--brokers", default=default_brokers,
+                    help=f"comma-separated: mosquitto, amqtt, shoal-N (default {default_brokers})")
     ap.add_argument("--backlog", type=int, default=20000,
                     help="QoS 0 flat out: most messages in flight (sent, not yet delivered), "
                          "split over the publishers, at least 256 each")
@@ -640,6 +687,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="pairs in the shoal-2 same/cross shard runs")
     ap.add_argument("--no-placement", action="store_true", help="skip same/cross shard runs")
     ap.add_argument("--no-calibrate", action="store_true", help="skip the generator check")
+    ap.add_argument("--png", nargs="?", const=True, default=None, metavar="FILE",
+                    help="bar chart of msg/s per scenario and broker (matplotlib); default "
+                         "file bench/results/e2e-<date>-<time>.png")
     args = ap.parse_args(argv)
     # drain: QoS 0 loss is declared only after the subscribers got nothing for this long
     # (shoal has been seen to deliver in bursts a second or more apart under overload)

@@ -1,8 +1,9 @@
 """The ``shoal`` command.
 
 Each subcommand is registered by a function that adds its parser and sets
-``handler``; adding ``shoal pub``/``sub``/``bench`` later means writing
-one more ``register_*`` function and listing it in ``COMMANDS``. Heavy modules
+``handler``; adding ``shoal pub``/``sub``/``bench``/``user`` later means writing
+one more ``register_*`` function and listing it in ``COMMANDS``. ``shoal bench`` hands its
+arguments to ``bench.emqtt`` (imported only then). Heavy modules
 (the broker's event loop, uvloop) are imported inside the handler that needs
 them, so ``shoal config check`` stays fast and works where they are missing.
 """
@@ -293,8 +294,31 @@ def register_ban(sub: Any) -> None:
     lst.set_defaults(handler=_ban_list)
 
 
+# -- shoal bench -----------------------------------------------------------------------------
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    # bench/ is a separate package the runtime never imports; only this subcommand loads it,
+    # and it parses its own (emqtt-bench style) options: -h is the host there.
+    try:
+        emqtt = importlib.import_module("bench.emqtt")
+    except ImportError as e:
+        print(f"shoal bench: the bench package is not installed ({e})", file=sys.stderr)
+        return EXIT_USAGE
+    return int(emqtt.main(args.bench_args, prog="shoal bench") or 0)
+
+
+def register_bench(sub: Any) -> None:
+    p = sub.add_parser("bench", help="load-test an MQTT broker (emqtt-bench flags)",
+                       add_help=False, prefix_chars="\0",
+                       description="shoal bench conn|pub|sub [emqtt-bench options]; "
+                                   "`shoal bench pub --help` lists them.")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p.set_defaults(handler=_run_bench)
+
+
 COMMANDS: list[Callable[[Any], None]] = [register_broker, register_config, register_user,
-                                         register_ban]
+                                         register_ban, register_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:
