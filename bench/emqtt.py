@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
-import os
 import signal
 import socket
 import ssl
@@ -36,7 +35,8 @@ import time
 from dataclasses import dataclass, field
 
 from bench.loadgen import (
-    MQTT_5, _packet, _str, publish_packet, read_varint, run_loop, subscribe_packet, varint,
+    MQTT_5, WriteGate, _packet, _str, publish_packet, read_varint, run_loop, subscribe_packet,
+    varint,
 )
 
 perf_ns = time.perf_counter_ns
@@ -164,7 +164,7 @@ class Counters:
             self.errors.append(msg)
 
 
-class Client(asyncio.Protocol):
+class Client(WriteGate):
     def __init__(self, bench: "Bench", seq: int, cid: str) -> None:
         self.bench = bench
         self.c = bench.counters
@@ -205,21 +205,8 @@ class Client(asyncio.Protocol):
                 f.set_exception(ConnectionError(f"{self.cid}: connection lost"))
         self._wake()
 
-    def pause_writing(self) -> None:
-        self.paused = True
-
-    def resume_writing(self) -> None:
-        self.paused = False
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._resume is not None and not self._resume.done():
-            self._resume.set_result(None)
-
-    async def writable(self) -> None:
-        while self.paused and self.transport is not None and not self.transport.is_closing():
-            self._resume = asyncio.get_running_loop().create_future()
-            await self._resume
+    def gone(self) -> bool:
+        return self.transport is None or self.transport.is_closing()
 
     def control(self, first: int, body: bytes) -> None:
         kind = first >> 4

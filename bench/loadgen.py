@@ -143,7 +143,35 @@ class ProtocolFailure(Exception):
     pass
 
 
-class _Client(asyncio.Protocol):
+class WriteGate(asyncio.Protocol):
+    """The write side's back-pressure, shared by the generator's client protocols:
+    the transport pauses us, and ``await writable()`` waits until it resumes (or the
+    connection is gone, as each protocol defines it)."""
+
+    paused = False
+    _resume: asyncio.Future | None = None
+
+    def gone(self) -> bool:
+        raise NotImplementedError
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._resume is not None and not self._resume.done():
+            self._resume.set_result(None)
+
+    async def writable(self) -> None:
+        while self.paused and not self.gone():
+            self._resume = asyncio.get_running_loop().create_future()
+            await self._resume
+
+
+class _Client(WriteGate):
     """Shared by publishers and subscribers: handshake, control packets, back-pressure."""
 
     def __init__(self, client_id: str, version: int) -> None:
@@ -180,21 +208,8 @@ class _Client(asyncio.Protocol):
                 fut.set_exception(ProtocolFailure(f"{self.client_id}: connection lost"))
         self._wake()
 
-    def pause_writing(self) -> None:
-        self.paused = True
-
-    def resume_writing(self) -> None:
-        self.paused = False
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._resume is not None and not self._resume.done():
-            self._resume.set_result(None)
-
-    async def writable(self) -> None:
-        while self.paused and not self.lost:
-            self._resume = asyncio.get_running_loop().create_future()
-            await self._resume
+    def gone(self) -> bool:
+        return self.lost
 
     def control(self, first: int, body: bytes) -> None:
         kind = first >> 4
