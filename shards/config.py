@@ -824,9 +824,10 @@ class LimitsConfig:
         shards each admits ceil(max_connections / N), so the limit is approximate (the kernel
         spreads connections by hash). An excess connection is closed as soon as it is accepted.
         100,000 because memory is what it protects: an idle connection costs a shard about
-        20 kB (transport, protocol, session, kernel socket buffers; measured by the flood test),
-        so 100,000 is about 2 GB, which a broker host has, while an unbounded count ends in
-        the OOM killer taking every client down at once. Raise it with the memory (and
+        7 kB of RSS (transport, protocol, session; measured by the flood test) plus the
+        kernel's socket buffers (a few kB idle, up to the TCP buffer sizes busy), so 100,000
+        is about 1-2 GB, which a broker host has, while an unbounded count ends in the OOM
+        killer taking every client down at once. Raise it with the memory (and
         RLIMIT_NOFILE) of a bigger host.""",
         lo=0, zero="unlimited")
     message_rate: float = _key(
