@@ -203,8 +203,8 @@ def _max_conn_key() -> Any:
         """Most connections open at once on this listener across the host. With N shards each
         shard admits ceil(max_connections / N) of them, so the limit is approximate: the kernel
         spreads connections by hash, and one shard may refuse while another still has room.
-        An excess connection is closed as soon as it is accepted, before any byte is read.
-        0 by default: the host-wide limits.max_connections already protects memory, and a
+        An excess connection is closed as soon as it is accepted, before any byte is read
+        (on TLS and WSS, once the TLS handshake is done). 0 by default: the host-wide limits.max_connections already protects memory, and a
         per-listener cap is for sharing a host between transports (say, fewer WebSocket
         browsers than devices).""",
         lo=0, zero="no per-listener limit (limits.max_connections still applies)")

@@ -63,13 +63,14 @@ class ClientProtocol(asyncio.Protocol):
 
     __slots__ = ("worker", "transport", "conn", "session", "congested", "peer_username",
                  "cert_username", "disconnected_cleanly", "_dirty", "_closing", "_processing",
-                 "listener", "admitted", "throttled", "msg_bucket", "byte_bucket")
+                 "listener", "admitted", "throttled", "msg_bucket", "byte_bucket", "_throttle_timer")
 
     def __init__(self, worker: Worker, cert_username: str = "none", listener: str = "tcp") -> None:
         self.worker = worker
         self.listener = listener
         self.admitted = False  # counted against the connection limits (set in connection_made)
         self.throttled = False  # reading paused by this client's own rate limit
+        self._throttle_timer: asyncio.TimerHandle | None = None
         self.transport: asyncio.Transport | None = None
         self.session: Session | None = None
         self.congested = False
@@ -176,10 +177,11 @@ class ClientProtocol(asyncio.Protocol):
         if transport is not None:
             transport.pause_reading()
         self.worker.note_throttled(self)
-        self.worker.loop.call_later(wait, self.unthrottle)
+        self._throttle_timer = self.worker.loop.call_later(wait, self.unthrottle)
 
     def unthrottle(self) -> None:
         self.throttled = False
+        self._throttle_timer = None
         transport = self.transport
         if self._closing or transport is None or transport.is_closing():
             return
@@ -208,6 +210,10 @@ class ClientProtocol(asyncio.Protocol):
         if not self.admitted:
             return  # refused by a connection limit: it never was a Link
         self.admitted = False
+        timer = self._throttle_timer
+        if timer is not None:  # a long wait must not keep a closed connection alive
+            timer.cancel()
+            self._throttle_timer = None
         worker.release(self.listener)
         worker.links.discard(self)
         self.conn.state = CLOSED
