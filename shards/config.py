@@ -197,6 +197,32 @@ def _max_frame_key() -> Any:
         lo=126, hi=_MQTT_MAX_PACKET + 16, unit="bytes")
 
 
+def _max_conn_key() -> Any:
+    return _key(
+        0,
+        """Most connections open at once on this listener across the host. With N shards each
+        shard admits ceil(max_connections / N) of them, so the limit is approximate: the kernel
+        spreads connections by hash, and one shard may refuse while another still has room.
+        An excess connection is closed as soon as it is accepted, before any byte is read
+        (on TLS and WSS, once the TLS handshake is done). 0 by default: the host-wide limits.max_connections already protects memory, and a
+        per-listener cap is for sharing a host between transports (say, fewer WebSocket
+        browsers than devices).""",
+        lo=0, zero="no per-listener limit (limits.max_connections still applies)")
+
+
+def _conn_rate_key() -> Any:
+    return _key(
+        0.0,
+        """New connections a second this listener accepts across the host; a token bucket per
+        shard refills at rate / N with a burst of one second's worth (at least one). An excess
+        connection is closed as soon as it is accepted and counted; the log says so at most
+        once every 10 s, never once a connection. Unlimited by default: after a restart or a
+        network blip every client reconnects at once, and throttling that storm only stretches
+        the outage; the backlog and mqtt.connect_timeout already bound what a connection that
+        never finishes CONNECT costs. Set it where clients are untrusted.""",
+        lo=0.0, hi=1e9, unit="connections per second", zero="unlimited")
+
+
 def _check_bind(section: Any) -> None:
     if not section.bind.strip():
         p = type(section).section_path
@@ -237,6 +263,8 @@ class TcpListenerConfig:
         """TCP port. 1883 is the IANA-registered MQTT port, so clients find the broker without
         being told a port.""")
     backlog: int = _backlog_key()
+    max_connections: int = _max_conn_key()
+    max_connection_rate: float = _conn_rate_key()
     proxy_protocol: bool = _proxy_key()
 
     def __post_init__(self) -> None:
@@ -259,6 +287,8 @@ class TlsListenerConfig:
         8883,
         """TLS port. 8883 is the IANA-registered port of MQTT over TLS.""")
     backlog: int = _backlog_key()
+    max_connections: int = _max_conn_key()
+    max_connection_rate: float = _conn_rate_key()
     certfile: str = _certfile_key()
     keyfile: str = _keyfile_key()
     cafile: str = _cafile_key()
@@ -286,6 +316,8 @@ class WsListenerConfig:
         8083,
         """WebSocket port. 8083 is the port EMQX and most MQTT-over-WebSocket examples use.""")
     backlog: int = _backlog_key()
+    max_connections: int = _max_conn_key()
+    max_connection_rate: float = _conn_rate_key()
     path: str = _ws_path_key()
     max_frame_size: int = _max_frame_key()
     proxy_protocol: bool = _proxy_key()
@@ -309,6 +341,8 @@ class WssListenerConfig:
         8084,
         """WSS port. 8084 is the port EMQX and most MQTT-over-WSS examples use.""")
     backlog: int = _backlog_key()
+    max_connections: int = _max_conn_key()
+    max_connection_rate: float = _conn_rate_key()
     path: str = _ws_path_key()
     max_frame_size: int = _max_frame_key()
     certfile: str = _certfile_key()
@@ -781,6 +815,44 @@ class RuntimeConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    section_path: ClassVar[str] = "limits"
+
+    max_connections: int = _key(
+        100000,
+        """Most client connections open at once on the host, over every listener. With N
+        shards each admits ceil(max_connections / N), so the limit is approximate (the kernel
+        spreads connections by hash). An excess connection is closed as soon as it is accepted.
+        100,000 because memory is what it protects: an idle connection costs a shard about
+        7 kB of RSS (transport, protocol, session; measured by the flood test) plus the
+        kernel's socket buffers (a few kB idle, up to the TCP buffer sizes busy), so 100,000
+        is about 1-2 GB, which a broker host has, while an unbounded count ends in the OOM
+        killer taking every client down at once. Raise it with the memory (and
+        RLIMIT_NOFILE) of a bigger host.""",
+        lo=0, zero="unlimited")
+    message_rate: float = _key(
+        0.0,
+        """PUBLISH packets a second one client may send. A token bucket per connection with a
+        burst of one second's worth (at least one); a client over it is not disconnected: the
+        broker stops reading its socket until the bucket has refilled (back-pressure, as EMQX
+        does), so TCP slows the client down. Unlimited by default: memory is already bounded
+        (the shard reads no faster than it can forward, slow readers have bounded queues), and
+        what rate is fair depends on the deployment; a default would silently throttle
+        legitimate fast publishers such as gateways and bridges.""",
+        lo=0.0, hi=1e9, unit="messages per second", zero="unlimited")
+    byte_rate: float = _key(
+        0.0,
+        """Bytes a second one client may send (every packet, counted as read from the socket).
+        A token bucket per connection with a burst of one second's worth; over it, the broker
+        stops reading that client until the bucket has refilled, as for message_rate. Unlimited
+        by default for the same reason as message_rate.""",
+        lo=0.0, hi=1e12, unit="bytes per second", zero="unlimited")
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     section_path: ClassVar[str] = ""
 
@@ -790,6 +862,10 @@ class Config:
         MQTTConfig,
         "Protocol limits and features. Every limit is explicit so that no client can make a "
         "shard hold unbounded state.")
+    limits: LimitsConfig = _table(
+        LimitsConfig,
+        "Overload protection: connection counts and per-client rates. Per-listener connection "
+        "limits are keys of each listener's table.")
     auth: AuthConfig = _table(
         AuthConfig,
         "Authentication, authorization (ACL), banned clients and flapping detection.")

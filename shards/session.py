@@ -58,7 +58,8 @@ class Link(Protocol):
 class Counters:
     """Shard-wide message counters ($SYS and metrics)."""
 
-    __slots__ = ("received", "sent", "dropped", "publish_received", "publish_sent", "expired")
+    __slots__ = ("received", "sent", "dropped", "publish_received", "publish_sent", "expired",
+                 "connections_refused", "clients_throttled")
 
     def __init__(self) -> None:
         self.received = 0
@@ -67,6 +68,8 @@ class Counters:
         self.publish_received = 0
         self.publish_sent = 0
         self.expired = 0
+        self.connections_refused = 0  # closed at accept: over a connection count or rate limit
+        self.clients_throttled = 0  # times a client's reading was paused for its rate limit
 
 
 class Inflight:

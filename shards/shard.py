@@ -884,6 +884,8 @@ class Shard:
             "messages/sent": c.publish_sent,
             "messages/dropped": c.dropped,
             "messages/expired": c.expired,
+            "connections/refused": c.connections_refused,
+            "clients/throttled": c.clients_throttled,
             "publish/messages/received": c.publish_received,
             "publish/messages/sent": c.publish_sent,
             "subscriptions/count": self.trie.count,

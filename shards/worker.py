@@ -36,7 +36,9 @@ from shards.host import Host, LocalHost
 from shards.listening import bind_listeners, tls_context
 from shards.protocol.connection import CLOSED, MQTTConnection
 from shards.protocol.errors import ProtocolError, Reason
+from shards.protocol.packets import PUBLISH
 from shards.hostlink import RouterHost, Welcome, join_router
+from shards.limits import LogLimiter, TokenBucket, share
 from shards.acl import AclError
 from shards.security import Security
 from shards.session import Session
@@ -51,16 +53,24 @@ log = logging.getLogger("shoal.worker")
 TICK = 0.5
 SHUTDOWN_DEADLINE = 10.0  # below supervisor's stopwaitsecs (15 s)
 ROUTER_LOSS_GRACE = 1.0
+# At most one log line this often about refused connections or throttled clients: a
+# connection storm must not become a log storm (the counters in $SYS count every one).
+LIMIT_LOG_INTERVAL = 10.0
 
 
 class ClientProtocol(asyncio.Protocol):
     """One client connection: the Link the shard writes through."""
 
     __slots__ = ("worker", "transport", "conn", "session", "congested", "peer_username",
-                 "cert_username", "disconnected_cleanly", "_dirty", "_closing", "_processing")
+                 "cert_username", "disconnected_cleanly", "_dirty", "_closing", "_processing",
+                 "listener", "admitted", "throttled", "msg_bucket", "byte_bucket", "_throttle_timer")
 
-    def __init__(self, worker: Worker, cert_username: str = "none") -> None:
+    def __init__(self, worker: Worker, cert_username: str = "none", listener: str = "tcp") -> None:
         self.worker = worker
+        self.listener = listener
+        self.admitted = False  # counted against the connection limits (set in connection_made)
+        self.throttled = False  # reading paused by this client's own rate limit
+        self._throttle_timer: asyncio.TimerHandle | None = None
         self.transport: asyncio.Transport | None = None
         self.session: Session | None = None
         self.congested = False
@@ -77,9 +87,21 @@ class ClientProtocol(asyncio.Protocol):
                                    connect_timeout=cfg.connect_timeout,
                                    receive_maximum=cfg.receive_maximum,
                                    topic_alias_maximum=cfg.topic_alias_maximum)
+        limits = worker.cfg.limits
+        now = worker.loop.time()
+        # one second's worth of burst: a client may send its rate's worth at once
+        rate = limits.message_rate
+        self.msg_bucket = TokenBucket(rate, max(1.0, rate), now) if rate > 0 else None
+        rate = limits.byte_rate
+        self.byte_bucket = TokenBucket(rate, max(1.0, rate), now) if rate > 0 else None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        if not self.worker.admit(self.listener):
+            # over a connection limit: closed before anything is read, never a Link
+            transport.abort()  # type: ignore[attr-defined]
+            return
+        self.admitted = True
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -104,12 +126,18 @@ class ClientProtocol(asyncio.Protocol):
         worker.bytes_in += len(data)
         conn = self.conn
         conn.receive_data(data, now)
+        bucket = self.byte_bucket
+        if bucket is not None:
+            wait = bucket.take(len(data), now)
+            if wait:
+                self.throttle(wait)  # what arrived is still handled; the next read waits
         self.process(now)
 
     def process(self, now: float) -> None:
-        """Drain every whole packet buffered in the connection."""
+        """Drain every whole packet buffered in the connection (up to the message rate)."""
         conn = self.conn
         shard = self.worker.shard
+        bucket = self.msg_bucket
         self._processing = True
         try:
             while True:
@@ -117,6 +145,12 @@ class ClientProtocol(asyncio.Protocol):
                 if packet is None:
                     break
                 shard.handle(self, packet, now)
+                if bucket is not None and packet.type == PUBLISH:
+                    wait = bucket.take(1.0, now)
+                    if wait:
+                        # leave the rest buffered in the connection; resumed by unthrottle
+                        self.throttle(wait)
+                        break
         except ProtocolError as err:
             log.info("protocol error from %s (%r): 0x%02X %s", self.peer, conn.client_id,
                      err.reason, err.message)
@@ -129,8 +163,32 @@ class ClientProtocol(asyncio.Protocol):
 
     def resume(self, now: float) -> None:
         # accepted inside process(): its loop goes on; accepted later: drain now
-        if not self._processing and not self._closing:
+        if not self._processing and not self._closing and not self.throttled:
             self.process(now)
+
+    def throttle(self, wait: float) -> None:
+        """Over this client's message or byte rate: stop reading its socket for ``wait``
+        seconds (back-pressure; TCP slows the client), then go on. One timer per
+        throttling, never one per packet."""
+        if self.throttled:
+            return
+        self.throttled = True
+        transport = self.transport
+        if transport is not None:
+            transport.pause_reading()
+        self.worker.note_throttled(self)
+        self._throttle_timer = self.worker.loop.call_later(wait, self.unthrottle)
+
+    def unthrottle(self) -> None:
+        self.throttled = False
+        self._throttle_timer = None
+        transport = self.transport
+        if self._closing or transport is None or transport.is_closing():
+            return
+        now = self.worker.loop.time()
+        self.process(now)  # the packets left buffered when the bucket ran dry
+        if not self.throttled and not self._closing and not self.worker.input_paused:
+            transport.resume_reading()
 
     def wake(self) -> None:
         if not self._dirty:
@@ -149,6 +207,14 @@ class ClientProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         worker = self.worker
+        if not self.admitted:
+            return  # refused by a connection limit: it never was a Link
+        self.admitted = False
+        timer = self._throttle_timer
+        if timer is not None:  # a long wait must not keep a closed connection alive
+            timer.cancel()
+            self._throttle_timer = None
+        worker.release(self.listener)
         worker.links.discard(self)
         self.conn.state = CLOSED
         worker.shard.connection_lost(self, worker.loop.time())
@@ -196,6 +262,61 @@ class Worker:
         self.servers: list[asyncio.AbstractServer] = []
         self.stopping = asyncio.Event()
         self.input_paused = False
+        self._setup_limits(host.workers if isinstance(host, RouterHost) else 1)
+
+    def _setup_limits(self, shards: int) -> None:
+        """Each shard enforces its share (ceil(L / N)) of the host-wide connection limits."""
+        cfg = self.cfg
+        now = self.loop.time()
+        self.max_connections = share(cfg.limits.max_connections, shards)
+        self.connections = 0
+        self.listener_max: dict[str, int] = {}
+        self.listener_connections: dict[str, int] = {}
+        self.listener_rate: dict[str, TokenBucket] = {}
+        for name in ("tcp", "tls", "ws", "wss"):
+            table = getattr(cfg.listeners, name)
+            self.listener_max[name] = share(table.max_connections, shards)
+            self.listener_connections[name] = 0
+            if table.max_connection_rate > 0:
+                rate = table.max_connection_rate / shards
+                self.listener_rate[name] = TokenBucket(rate, max(1.0, rate), now)
+        self._refusal_log = LogLimiter(LIMIT_LOG_INTERVAL)
+        self._throttle_log = LogLimiter(LIMIT_LOG_INTERVAL)
+
+    def admit(self, listener: str) -> bool:
+        """Count a new connection in, or refuse it (and count the refusal)."""
+        cap = self.listener_max[listener]
+        count = self.listener_connections[listener]
+        why = None
+        if self.max_connections and self.connections >= self.max_connections:
+            why = "limits.max_connections"
+        elif cap and count >= cap:
+            why = f"listeners.{listener}.max_connections"
+        else:
+            bucket = self.listener_rate.get(listener)
+            if bucket is not None and not bucket.try_take(self.loop.time()):
+                why = f"listeners.{listener}.max_connection_rate"
+        if why is None:
+            self.connections += 1
+            self.listener_connections[listener] = count + 1
+            return True
+        self.shard.counters.connections_refused += 1
+        held = self._refusal_log.allow(self.loop.time())
+        if held is not None:
+            log.warning("shard %d refuses connections on %s: over %s (%d more refused since "
+                        "the last such line)", self.shard.index, listener, why, held)
+        return False
+
+    def release(self, listener: str) -> None:
+        self.connections -= 1
+        self.listener_connections[listener] -= 1
+
+    def note_throttled(self, link: ClientProtocol) -> None:
+        self.shard.counters.clients_throttled += 1
+        held = self._throttle_log.allow(self.loop.time())
+        if held is not None:
+            log.info("throttling %s (%r): over its message or byte rate (%d more throttlings "
+                     "since the last such line)", link.peer, link.conn.client_id, held)
 
     def offload(self, fn: Callable[[], Any], then: Callable[[Any, float], None], now: float) -> None:
         """Run ``fn`` on a hash thread; ``then(result, now)`` back on the loop."""
@@ -232,7 +353,7 @@ class Worker:
             if transport is not None and not link._closing and not transport.is_closing():
                 if paused:
                     transport.pause_reading()
-                else:
+                elif not link.throttled:  # a throttled link resumes when its timer fires
                     transport.resume_reading()
 
     def schedule_flush(self) -> None:
@@ -325,10 +446,10 @@ async def _serve_tcp(worker: Worker, sock: socket.socket) -> asyncio.AbstractSer
     table = worker.cfg.listeners.tcp
     if table.proxy_protocol:
         def factory() -> asyncio.Protocol:
-            return ProxyProtocolLayer(ClientProtocol(worker))
+            return ProxyProtocolLayer(ClientProtocol(worker, listener="tcp"))
     else:
         def factory() -> asyncio.Protocol:
-            return ClientProtocol(worker)
+            return ClientProtocol(worker, listener="tcp")
     return await worker.loop.create_server(factory, sock=sock, backlog=table.backlog)
 
 
@@ -338,7 +459,7 @@ async def _serve_tls(worker: Worker, sock: socket.socket) -> asyncio.AbstractSer
     table = worker.cfg.listeners.tls
     mode = table.peer_cert_as_username
     return await worker.loop.create_server(
-        lambda: ClientProtocol(worker, mode), sock=sock, backlog=table.backlog,
+        lambda: ClientProtocol(worker, mode, "tls"), sock=sock, backlog=table.backlog,
         ssl=tls_context(table), ssl_handshake_timeout=worker.cfg.mqtt.connect_timeout)
 
 
@@ -347,10 +468,10 @@ async def _serve_ws(worker: Worker, sock: socket.socket) -> asyncio.AbstractServ
     path, max_frame = table.path, table.max_frame_size
     if table.proxy_protocol:
         def factory() -> asyncio.Protocol:
-            return ProxyProtocolLayer(WebSocketLayer(ClientProtocol(worker), path, max_frame))
+            return ProxyProtocolLayer(WebSocketLayer(ClientProtocol(worker, listener="ws"), path, max_frame))
     else:
         def factory() -> asyncio.Protocol:
-            return WebSocketLayer(ClientProtocol(worker), path, max_frame)
+            return WebSocketLayer(ClientProtocol(worker, listener="ws"), path, max_frame)
     return await worker.loop.create_server(factory, sock=sock, backlog=table.backlog)
 
 
@@ -358,7 +479,7 @@ async def _serve_wss(worker: Worker, sock: socket.socket) -> asyncio.AbstractSer
     table = worker.cfg.listeners.wss
     path, max_frame, mode = table.path, table.max_frame_size, table.peer_cert_as_username
     return await worker.loop.create_server(
-        lambda: WebSocketLayer(ClientProtocol(worker, mode), path, max_frame), sock=sock,
+        lambda: WebSocketLayer(ClientProtocol(worker, mode, "wss"), path, max_frame), sock=sock,
         backlog=table.backlog, ssl=tls_context(table),
         ssl_handshake_timeout=worker.cfg.mqtt.connect_timeout)
 
