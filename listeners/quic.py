@@ -63,6 +63,9 @@ WRITE_LOW_WATER = 64 * 1024
 # After the application closes a connection's control stream, its last bytes (a CONNACK
 # refusal, a DISCONNECT) get this long to be acknowledged before the connection is closed.
 CLOSE_GRACE = 2.0
+# Bytes of data streams kept while their connection's control stream has not begun (packets
+# reordered on the way); more is not reordering but abuse.
+EARLY_LIMIT = 256 * 1024
 
 SO_ATTACH_REUSEPORT_CBPF = 51
 
@@ -365,8 +368,8 @@ class ConnectionApp:
 class ServerConnection:
     """One QUIC connection: the aioquic state machine, its timer, its streams."""
 
-    __slots__ = ("endpoint", "quic", "app", "control", "streams", "ended", "cids", "closed",
-                 "peer", "_timer", "_timer_at", "_close_timer")
+    __slots__ = ("endpoint", "quic", "app", "control", "streams", "ended", "early", "early_bytes",
+                 "cids", "closed", "peer", "_timer", "_timer_at", "_close_timer")
 
     def __init__(self, endpoint: Endpoint, quic: TaggedQuicConnection, app: ConnectionApp,
                  peer: NetworkAddress) -> None:
@@ -376,6 +379,8 @@ class ServerConnection:
         self.control: QuicStream | None = None
         self.streams: dict[int, QuicStream] = {}
         self.ended: set[int] = set()  # data streams the application closed: ignore the rest
+        self.early: list[events.StreamDataReceived] = []
+        self.early_bytes = 0
         self.cids: set[bytes] = set()
         self.closed = False
         self.peer = peer
@@ -394,7 +399,7 @@ class ServerConnection:
             if self.streams.pop(stream.stream_id, None) is not None:
                 self.ended.add(stream.stream_id)
             return
-        if self._close_timer and self._close_timer is None and not self.closed:
+        if self._close_timer is None and not self.closed:
             self._close_timer = self.endpoint.loop.call_later(
                 CLOSE_GRACE, self.close, CLOSE_OK, "")
 
@@ -448,29 +453,45 @@ class ServerConnection:
         if stream is None:
             if sid & 3 != 0 or sid in self.ended:
                 return  # only client-initiated bidirectional streams carry MQTT
-            stream = QuicStream(self, sid)
-            if self.control is None:
-                self.control = stream
+            if sid == 0:
+                # the first client bidi stream is the control stream, whatever arrives first
+                stream = self.control = QuicStream(self, sid)
                 self.streams[sid] = stream
                 protocol: asyncio.Protocol | None = self.app.control_stream(stream)
+            elif self.control is None:
+                # a data stream overtook the control stream's first packet: keep it for then
+                self.early.append(event)
+                self.early_bytes += len(event.data)
+                if self.early_bytes > EARLY_LIMIT:
+                    self.close(CLOSE_OVERLOADED, "data streams before the control stream")
+                return
             else:
                 protocol = None
                 if len(self.streams) <= self.endpoint.max_data_streams:
+                    stream = QuicStream(self, sid)
                     self.streams[sid] = stream
                     protocol = self.app.data_stream(stream)
                 if protocol is None:
                     self.streams.pop(sid, None)
+                    self.ended.add(sid)
                     self.quic.reset_stream(sid, 0)
                     self.quic.stop_stream(sid, 0)
                     return
+            assert stream is not None
             stream.protocol = protocol
             protocol.connection_made(stream)
             if stream._closing:
                 return  # refused in connection_made
         stream._deliver(event.data, event.end_stream)
-        if event.end_stream and stream is self.control and not self.closed:
-            # the client ended its control stream: that is the end of the connection
-            self.close(CLOSE_OK)
+        if stream is self.control:
+            if event.end_stream and not self.closed:
+                # the client ended its control stream: that is the end of the connection
+                self.close(CLOSE_OK)
+            elif self.early:
+                early, self.early = self.early, []
+                self.early_bytes = 0
+                for held in early:
+                    self._stream_data(held)
 
     def _terminated(self) -> None:
         if self.closed:
