@@ -900,9 +900,9 @@ class LimitsConfig:
         host-wide as for the listeners' max_connections (at most N - 1 over when N shards
         admit at the same instant). An excess connection is closed as soon as it is accepted.
         100,000 because memory is what it protects: an idle connection costs a shard about
-        7 kB of RSS (transport, protocol, session; measured by the flood test) plus the
+        2 kB of RSS (transport, protocol, session; 3,000 idle connections measured) plus the
         kernel's socket buffers (a few kB idle, up to the TCP buffer sizes busy), so 100,000
-        is about 1-2 GB, which a broker host has, while an unbounded count ends in the OOM
+        is about 0.5-2 GB, which a broker host has, while an unbounded count ends in the OOM
         killer taking every client down at once. Raise it with the memory (and
         RLIMIT_NOFILE) of a bigger host.""",
         lo=0, zero="unlimited")

@@ -616,7 +616,7 @@ class Shard:
             self._publish_denied(link, session, p, v5)
             return
         if qos == 2:
-            session.inbound_qos2.add(p.packet_id)
+            session.hold_qos2(p.packet_id)
             self._changed(session)
         msg = Message.from_publish(topic, p.payload, qos, p.retain, props, session.client_id, now,
                                    next(self._msg_ids))
@@ -653,7 +653,7 @@ class Shard:
         # said, and withholding it would make the client resend forever. As EMQX does by
         # default, the message is acknowledged and dropped; QoS 2 completes its exchange.
         if p.qos == 2:
-            session.inbound_qos2.add(p.packet_id)
+            session.hold_qos2(p.packet_id)
             self._changed(session)
         self._ack(link, p, Reason.SUCCESS)
 
