@@ -541,7 +541,7 @@ class MQTTConfig:
                 key="mqtt.server_keep_alive")
 
 
-AUTH_BACKENDS = ("builtin", "http", "postgresql", "mysql")
+AUTH_BACKENDS = ("builtin", "http", "postgresql", "mysql", "jwt")
 
 
 @dataclass(frozen=True, slots=True)
@@ -555,7 +555,8 @@ class AuthConfig:
         backend knows is refused (CONNACK 0x86 Bad user name or password; MQTT 3.1.1: return
         code 4). Backends: builtin, the user store in runtime.data_dir managed with `shoal
         user add|del|list` (it needs no server), http (see http_url), postgresql (see
-        pgsql_query) and mysql (MySQL or MariaDB, see mysql_query). Empty by default so that a broker started from a fresh checkout accepts
+        pgsql_query), mysql (MySQL or MariaDB, see mysql_query) and jwt (a signed JSON Web
+        Token in the password field, see jwt_secret). Empty by default so that a broker started from a fresh checkout accepts
         any client: usernames and passwords are then not checked while
         mqtt.allow_anonymous is true, and refused while it is false (nothing could verify
         them). Clients without a username are governed by mqtt.allow_anonymous either
@@ -672,6 +673,50 @@ class AuthConfig:
         2,
         """Database connections per shard, each on its own thread, as pgsql_workers.""",
         lo=1, hi=64)
+    jwt_secret: str = _key(
+        "",
+        """The jwt backend's HS256 shared secret (prefer the SHOAL_AUTH__JWT_SECRET environment
+        variable to writing it in a file). Exactly one of jwt_secret, jwt_public_key_file and
+        jwt_jwks_file is set when backends names jwt; the key's kind fixes the algorithm
+        (a secret: HS256 only; a public key or JWKS: RS256 only), so a token cannot choose
+        'none' or sign with HS256 over the public key (algorithm confusion).""",
+        zero="(empty) no shared secret")
+    jwt_public_key_file: str = _key(
+        "",
+        """The jwt backend's RSA public key (PEM) for RS256 tokens, relative to
+        runtime.data_dir unless absolute; re-read when it changes (see reload_interval).""",
+        zero="(empty) no public key file")
+    jwt_jwks_file: str = _key(
+        "",
+        """A JSON Web Key Set file ({"keys": [...]}) of RSA public keys for RS256 tokens,
+        relative to runtime.data_dir unless absolute; a token's header kid picks the key (a
+        token without kid is accepted only when the set holds one key). Re-read when it
+        changes, so keys rotate without a restart.""",
+        zero="(empty) no JWKS file")
+    jwt_from: str = _key(
+        "password",
+        """Which CONNECT field carries the token: password, EMQX's default (the username then
+        stays the client's name for ACLs and logs), or username. A client that sends nothing
+        in that field, or something that is not a JWT, is passed to the next backend; a JWT
+        that fails verification is refused (0x86).""",
+        choices=("password", "username"))
+    jwt_leeway: float = _key(
+        5.0,
+        """Seconds of clock skew allowed when checking a token's exp and nbf claims. 5 s
+        covers hosts kept in step by NTP without extending a token's life noticeably.""",
+        lo=0.0, hi=3600.0, unit="seconds", zero="exp and nbf are checked exactly")
+    jwt_require_exp: bool = _key(
+        True,
+        """Refuse tokens without an exp claim. On by default: a token that never expires is a
+        password that cannot be changed.""")
+    jwt_issuer: str = _key(
+        "",
+        """When set, a token's iss claim must equal it.""",
+        zero="(empty) iss is not checked")
+    jwt_audience: str = _key(
+        "",
+        """When set, a token's aud claim must name it.""",
+        zero="(empty) aud is not checked (a token with an aud claim is still accepted)")
     reload_interval: float = _key(
         1.0,
         """How often, at most, a shard checks whether the user, ACL and banned files changed
@@ -749,6 +794,14 @@ class AuthConfig:
         if "http" in self.backend_list() and not self.http_url:
             raise ConfigError("auth.http_url: must be set when auth.backends names http",
                               key="auth.http_url")
+        if "jwt" in self.backend_list():
+            keys = [k for k in ("jwt_secret", "jwt_public_key_file", "jwt_jwks_file")
+                    if getattr(self, k)]
+            if len(keys) != 1:
+                raise ConfigError("auth.jwt_secret: set exactly one of jwt_secret, "
+                                  "jwt_public_key_file and jwt_jwks_file when auth.backends "
+                                  f"names jwt (set: {', '.join(keys) or 'none'})",
+                                  key="auth.jwt_secret")
         if self.http_url and not self.http_url.startswith(("http://", "https://")):
             raise ConfigError(f"auth.http_url: {self.http_url!r} is not an http(s) URL",
                               key="auth.http_url")

@@ -502,6 +502,7 @@ class Security:
         self.allow_anonymous = allow_anonymous
         names = cfg.backend_list()
         self.builtin: BuiltinAuthenticator | None = None
+        self.jwt: Any = None  # a JwtAuthenticator when the chain has one
         backends: list[Authenticator] = []
         for name in names:
             if name == "builtin":
@@ -515,6 +516,12 @@ class Security:
                 backends.append(StoredHashAuthenticator(
                     "mysql", MysqlLookup(cfg), cfg.credential_cache_size, offload,
                     io_offload or offload))
+            elif name == "jwt":
+                from shards.jwtauth import JwtAuthenticator  # PyJWT only when configured
+                key_file = cfg.jwt_public_key_file or cfg.jwt_jwks_file
+                self.jwt = JwtAuthenticator(
+                    cfg, _resolve(data_dir, key_file) if key_file else None)
+                backends.append(self.jwt)
             elif name == "http":
                 backends.append(HttpAuthenticator(cfg.http_url, cfg.http_timeout,
                                                   cfg.credential_cache_size, cfg.http_cache_ttl,
@@ -549,6 +556,8 @@ class Security:
             except OSError as err:
                 raise AclError(f"cannot read the ACL file {path}: {err}") from None
             self.set_acl(Acl.from_text(text, self.cfg.acl_no_match == "allow"))
+        if self.jwt is not None:
+            self.jwt.load(now)  # JwtKeyError: no start without the keys asked for
         self._reload_users(now, force=True)
         self._reload_banned(now, wall, force=True)
 
@@ -565,6 +574,8 @@ class Security:
             else:
                 self.set_acl(acl)
                 log.info("ACL reloaded from %s: %d rules", path, len(acl.rules))
+        if self.jwt is not None:
+            self.jwt.refresh(now)
         self._reload_users(now)
         self._reload_banned(now, wall)
         if self.flapping is not None:
@@ -617,7 +628,8 @@ class Security:
 
     def authenticate(self, request: AuthRequest, then: Done, now: float) -> None:
         """``then(reason, now)``: 0 to accept, else the CONNACK reason code."""
-        if request.username is None:
+        if request.username is None and (request.password is None or self.jwt is None):
+            # (an MQTT 5 client may send a password alone: a token for the jwt backend)
             then(Reason.SUCCESS if self.allow_anonymous else Reason.NOT_AUTHORIZED, now)
         elif self.chain is None:
             # nothing can check a username: accepted unchecked only while anonymous is

@@ -40,6 +40,7 @@ from shards.protocol.packets import PUBLISH
 from shards.hostlink import RouterHost, Welcome, join_router
 from shards.limits import LogLimiter, TokenBucket, share
 from shards.acl import AclError
+from shards.jwtauth import JwtKeyError
 from shards.security import Security
 from shards.session import Session
 from shards.shard import Shard
@@ -574,10 +575,10 @@ def main(argv: list[str] | None = None) -> int:
     if cfg is None:
         return 2
     try:
-        # the ACL is read before anything starts: a broker without the rules asked for
-        # would allow too much
+        # the ACL and JWT keys are read before anything starts: a broker without the
+        # rules or keys asked for would allow too much (or refuse everyone)
         Security(cfg.auth, cfg.mqtt.allow_anonymous, cfg.runtime.data_dir).load(0.0, time.time())
-    except AclError as err:
+    except (AclError, JwtKeyError) as err:
         print(f"shoal: {err}", file=sys.stderr)
         return 2
     if args.index is None:
