@@ -554,7 +554,8 @@ class AuthConfig:
         sends a username. The first backend that knows the username decides; a username no
         backend knows is refused (CONNACK 0x86 Bad user name or password; MQTT 3.1.1: return
         code 4). Backends: builtin, the user store in runtime.data_dir managed with `shoal
-        user add|del|list` (it needs no server), http (see http_url), postgresql (see
+        user add|del|list` (it needs no server; it also offers MQTT 5 enhanced authentication
+        with SCRAM-SHA-256 from the verifiers `shoal user add` stores), http (see http_url), postgresql (see
         pgsql_query), mysql (MySQL or MariaDB, see mysql_query) and jwt (a signed JSON Web
         Token in the password field, see jwt_secret). Empty by default so that a broker started from a fresh checkout accepts
         any client: usernames and passwords are then not checked while

@@ -32,7 +32,8 @@ from typing import Any, Protocol
 from shards.acl import PUBLISH, SUBSCRIBE, Acl, AclError, IPAddress, Principal, parse_ip
 from shards.config import AuthConfig
 from shards.protocol.errors import Reason
-from shards.users import UserFileError, WatchedFile, parse_users, verify_password
+from shards.scram import Verifier, decoy
+from shards.users import UserFileError, WatchedFile, parse_store, verify_password
 
 __all__ = ["AuthRequest", "Authenticator", "BuiltinAuthenticator", "Chain", "Banned", "Flapping",
            "Security", "PUBLISH", "SUBSCRIBE", "Principal", "run_inline", "peer_ip"]
@@ -78,6 +79,7 @@ class BuiltinAuthenticator:
 
     def __init__(self, cache_size: int, offload: Offload = run_inline) -> None:
         self.users: dict[str, str] = {}
+        self.scram: dict[str, str] = {}  # SCRAM-SHA-256 verifiers, text form
         self.cache_size = cache_size
         self.offload = offload
         # (username, keyed digest of the password) -> the stored hash it verified against
@@ -541,6 +543,7 @@ class Security:
         self._acl_file = (WatchedFile(_resolve(data_dir, cfg.acl_file), interval)
                           if cfg.acl_file else None)
         self._banned_file = WatchedFile(_resolve(data_dir, cfg.banned_file), interval)
+        self._scram_key = os.urandom(32)  # until a user file is read
 
     # -- files ----------------------------------------------------------------------------
 
@@ -587,13 +590,17 @@ class Security:
             return
         try:
             with open(watched.path, encoding="utf-8") as fh:
-                users = parse_users(fh.read())
+                users, scram = parse_store(fh.read())
         except FileNotFoundError:
-            users = {}
+            users, scram = {}, {}
         except (OSError, UserFileError) as err:
             log.error("user file %s not reloaded, the previous users stay: %s", watched.path, err)
             return
         self.builtin.set_users(users)
+        self.builtin.scram = scram
+        # the key of the decoys for unknown SCRAM users: the same on every shard (so a
+        # client cannot compare two shards' answers) and secret as the hashes are
+        self._scram_key = hashlib.sha256("\n".join(sorted(users.values())).encode()).digest()
         log.info("user store %s: %d users", watched.path, len(users))
 
     def _reload_banned(self, now: float, wall: float, force: bool = False) -> None:
@@ -636,6 +643,24 @@ class Security:
             then(Reason.SUCCESS if self.allow_anonymous else Reason.BAD_USER_NAME_OR_PASSWORD, now)
         else:
             self.chain.check(request, then, now)  # type: ignore[arg-type]
+
+    @property
+    def scram_available(self) -> bool:
+        """SCRAM-SHA-256 enhanced authentication is offered with the built-in store, which
+        keeps the verifiers (``shoal user add`` writes them)."""
+        return self.builtin is not None
+
+    def scram_verifier(self, username: str) -> Verifier:
+        """The user's verifier, or a decoy that no proof matches (unknown user, or a user
+        added before verifiers were kept): the exchange then fails only at its end."""
+        builtin = self.builtin
+        text = builtin.scram.get(username) if builtin is not None else None
+        if text is not None:
+            try:
+                return Verifier.decode(text)
+            except ValueError as err:
+                log.warning("SCRAM verifier of %r unusable: %s", username, err)
+        return decoy(username, self._scram_key)
 
     def disconnected(self, client_id: str, now: float) -> None:
         flapping = self.flapping
