@@ -638,6 +638,17 @@ class AuthConfig:
         a hash in shoal's format (`shoal user hash` prints one to insert). :username and
         :clientid are bound as parameters, never spliced into the text. No row: the next
         backend is asked. The default reads a table mqtt_user(username, password_hash).""")
+    pgsql_acl_query: str = _key(
+        "",
+        """Authorization rules from PostgreSQL: a query returning rows with columns
+        permission (allow/deny), action (publish/subscribe/all) and topic (a filter, with
+        %u/%c placeholders, or 'eq FILTER' for the filter itself), e.g. SELECT permission,
+        action, topic FROM mqtt_acl WHERE username = :username ORDER BY id. :username and
+        :clientid are bound as in pgsql_query. It runs once per CONNECT on the database
+        threads (never per PUBLISH); the rows, in the order returned, are asked before the
+        ACL file with the same first-match rules, and none matching falls through to the
+        file, then acl_no_match. A failing query is logged and counts as no rows.""",
+        zero="(empty) no rules from PostgreSQL")
     pgsql_workers: int = _key(
         2,
         """Database connections per shard, each on its own thread (the loop never waits on
@@ -670,6 +681,11 @@ class AuthConfig:
         """The query that finds a user's password hash, as pgsql_query: first column of the
         first row, in shoal's format; :username and :clientid are bound as parameters. The
         default reads a table mqtt_user(username, password_hash).""")
+    mysql_acl_query: str = _key(
+        "",
+        """Authorization rules from MySQL/MariaDB, as pgsql_acl_query: rows of permission,
+        action and topic fetched once per CONNECT, asked before the ACL file.""",
+        zero="(empty) no rules from MySQL")
     mysql_workers: int = _key(
         2,
         """Database connections per shard, each on its own thread, as pgsql_workers.""",

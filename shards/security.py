@@ -29,7 +29,9 @@ import os
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from shards.acl import PUBLISH, SUBSCRIBE, Acl, AclError, IPAddress, Principal, parse_ip
+from shards.acl import (
+    PUBLISH, SUBSCRIBE, Acl, AclError, IPAddress, Principal, first_match, parse_ip, rules_from_rows,
+)
 from shards.config import AuthConfig
 from shards.protocol.errors import Reason
 from shards.scram import Verifier, decoy
@@ -268,15 +270,15 @@ class PostgresLookup:
             kwargs["host"], kwargs["port"] = cfg.pgsql_host, cfg.pgsql_port
         return pg8000.native.Connection(**kwargs)
 
-    def __call__(self, username: str, client_id: str) -> str | None:
+    def _run(self, query: str, username: str | None, client_id: str) -> tuple[list[Any], list[str]]:
         con = getattr(self._local, "con", None)
         if con is None:
             con = self._local.con = self._connect()
-        query = self.cfg.pgsql_query
         params = {k: v for k, v in (("username", username), ("clientid", client_id))
                   if f":{k}" in query}
         try:
             rows = con.run(query, **params)
+            names = [c["name"] for c in (con.columns or [])]
         except Exception:
             self._local.con = None
             try:
@@ -284,7 +286,15 @@ class PostgresLookup:
             except Exception:
                 pass
             raise
+        return rows or [], names
+
+    def __call__(self, username: str, client_id: str) -> str | None:
+        rows, _ = self._run(self.cfg.pgsql_query, username, client_id)
         return str(rows[0][0]) if rows else None
+
+    def rules(self, username: str | None, client_id: str) -> list[tuple[str, str, str]]:
+        rows, names = self._run(self.cfg.pgsql_acl_query, username, client_id)
+        return _acl_rows(rows, names)
 
 
 class MysqlLookup:
@@ -296,11 +306,16 @@ class MysqlLookup:
         import threading
         self.cfg = cfg
         self._local = threading.local()
-        query = cfg.mysql_query.replace("%", "%%")
-        self.names = [k for k in ("username", "clientid") if f":{k}" in query]
-        for k in self.names:
+        self.query, self.names = self._translate(cfg.mysql_query)
+        self.acl_query, self.acl_names = self._translate(cfg.mysql_acl_query)
+
+    @staticmethod
+    def _translate(query: str) -> tuple[str, list[str]]:
+        query = query.replace("%", "%%")
+        names = [k for k in ("username", "clientid") if f":{k}" in query]
+        for k in names:
             query = query.replace(f":{k}", f"%({k})s")
-        self.query = query
+        return query, names
 
     def _connect(self) -> Any:
         import pymysql  # type: ignore[import-untyped]
@@ -315,15 +330,17 @@ class MysqlLookup:
             kwargs["host"], kwargs["port"] = cfg.mysql_host, cfg.mysql_port
         return pymysql.connect(**kwargs)
 
-    def __call__(self, username: str, client_id: str) -> str | None:
+    def _run(self, query: str, names: list[str], username: str | None, client_id: str,
+             one: bool) -> tuple[list[Any], list[str]]:
         con = getattr(self._local, "con", None)
         if con is None:
             con = self._local.con = self._connect()
         values = {"username": username, "clientid": client_id}
         try:
             with con.cursor() as cur:
-                cur.execute(self.query, {k: values[k] for k in self.names})
-                row = cur.fetchone()
+                cur.execute(query, {k: values[k] for k in names})
+                rows = [cur.fetchone()] if one else list(cur.fetchall())
+                columns = [d[0] for d in (cur.description or ())]
         except Exception:
             self._local.con = None
             try:
@@ -331,7 +348,32 @@ class MysqlLookup:
             except Exception:
                 pass
             raise
-        return None if row is None else str(row[0])
+        return [r for r in rows if r is not None], columns
+
+    def __call__(self, username: str, client_id: str) -> str | None:
+        rows, _ = self._run(self.query, self.names, username, client_id, True)
+        return str(rows[0][0]) if rows else None
+
+    def rules(self, username: str | None, client_id: str) -> list[tuple[str, str, str]]:
+        rows, columns = self._run(self.acl_query, self.acl_names, username, client_id, False)
+        return _acl_rows(rows, columns)
+
+
+def _acl_rows(rows: list[Any], columns: list[str]) -> list[tuple[str, str, str]]:
+    """(permission, action, topic) from an ACL query's rows: by column name when the
+    query names them so (EMQX's queries select action, permission, topic), else by
+    position."""
+    lower = [str(c).lower() for c in columns]
+    try:
+        at = [lower.index("permission"), lower.index("action"), lower.index("topic")]
+    except ValueError:
+        at = [0, 1, 2]
+    out = []
+    for row in rows:
+        if len(row) < 3:
+            raise ValueError("an ACL query must return permission, action and topic")
+        out.append((row[at[0]], row[at[1]], row[at[2]]))
+    return out
 
 
 class Chain:
@@ -503,6 +545,21 @@ class Security:
         self.cfg = cfg
         self.allow_anonymous = allow_anonymous
         names = cfg.backend_list()
+        self.io_offload = io_offload or offload
+        # one lookup object per database, shared by authentication and the ACL query, so
+        # each I/O thread keeps one connection to it
+        lookups: dict[str, Any] = {}
+
+        def pg_lookup() -> PostgresLookup:
+            if "pg" not in lookups:
+                lookups["pg"] = PostgresLookup(cfg)
+            return lookups["pg"]  # type: ignore[no-any-return]
+
+        def my_lookup() -> MysqlLookup:
+            if "my" not in lookups:
+                lookups["my"] = MysqlLookup(cfg)
+            return lookups["my"]  # type: ignore[no-any-return]
+
         self.builtin: BuiltinAuthenticator | None = None
         self.jwt: Any = None  # a JwtAuthenticator when the chain has one
         backends: list[Authenticator] = []
@@ -512,11 +569,11 @@ class Security:
                 backends.append(self.builtin)
             elif name == "postgresql":
                 backends.append(StoredHashAuthenticator(
-                    "postgresql", PostgresLookup(cfg), cfg.credential_cache_size, offload,
+                    "postgresql", pg_lookup(), cfg.credential_cache_size, offload,
                     io_offload or offload))
             elif name == "mysql":
                 backends.append(StoredHashAuthenticator(
-                    "mysql", MysqlLookup(cfg), cfg.credential_cache_size, offload,
+                    "mysql", my_lookup(), cfg.credential_cache_size, offload,
                     io_offload or offload))
             elif name == "jwt":
                 from shards.jwtauth import JwtAuthenticator  # PyJWT only when configured
@@ -529,7 +586,14 @@ class Security:
                                                   cfg.credential_cache_size, cfg.http_cache_ttl,
                                                   io_offload or offload))
         self.chain: Chain | None = Chain(backends) if backends else None
-        # None: no ACL configured, and the publish path skips authorization entirely
+        # per-connection rules from the databases, fetched once per CONNECT
+        self.acl_sources: list[tuple[str, Callable[[str | None, str], list[tuple[str, str, str]]]]] = []
+        if cfg.pgsql_acl_query:
+            self.acl_sources.append(("postgresql", pg_lookup().rules))
+        if cfg.mysql_acl_query:
+            self.acl_sources.append(("mysql", my_lookup().rules))
+        # False: no ACL file and no ACL query, and the publish path skips authorization
+        self.authorizing = bool(cfg.acl_file or self.acl_sources)
         self.acl: Acl | None = None
         self._acl_cache: dict[tuple[Principal, int, str], bool] = {}
         self.banned = Banned()
@@ -621,6 +685,7 @@ class Security:
 
     def set_acl(self, acl: Acl | None) -> None:
         self.acl = acl
+        self.authorizing = acl is not None or bool(self.acl_sources)
         self._acl_cache.clear()
 
     # -- CONNECT --------------------------------------------------------------------------
@@ -670,15 +735,53 @@ class Security:
 
     # -- authorization ----------------------------------------------------------------------
 
+    def fetch_rules(self, who: Principal, then: Callable[[float], None], now: float) -> None:
+        """Fetch ``who``'s rules from the ACL queries (on an I/O thread) into who.rules,
+        then ``then(now)``; at once when no query is configured."""
+        sources = self.acl_sources
+        if not sources:
+            then(now)
+            return
+
+        def fetch() -> tuple[list[tuple[str, str, str]], list[str]]:
+            rows: list[tuple[str, str, str]] = []
+            failures = []
+            for name, query in sources:
+                try:
+                    rows.extend(query(who.username, who.client_id))
+                except Exception as err:  # a driver's errors have no common base worth naming
+                    failures.append(f"{name}: {err}")
+            return rows, failures
+
+        def fetched(result: tuple[list[tuple[str, str, str]], list[str]], later: float) -> None:
+            rows, failures = result
+            for failure in failures:
+                log.warning("ACL query for %r failed, counted as no rows: %s", who.client_id,
+                            failure)
+            rules, bad = rules_from_rows(rows)
+            if bad:
+                log.warning("ACL rows for %r ignored: %s", who.client_id, "; ".join(bad[:5]))
+            who.rules = rules or None
+            then(later)
+
+        self.io_offload(fetch, fetched, now)
+
     def allowed(self, who: Principal, action: int, topic: str) -> bool:
-        """Whether ``who`` may publish to / subscribe to ``topic``; only call with an ACL."""
+        """Whether ``who`` may publish to / subscribe to ``topic``; only call while
+        ``authorizing``. The connection's own rules first, then the ACL file."""
         key = (who, action, topic)
         cache = self._acl_cache
         hit = cache.get(key)
         if hit is not None:
             return hit
         acl = self.acl
-        ok = True if acl is None else acl.check(who, action, topic)
+        verdict = first_match(who.rules, who, action, topic) if who.rules else None
+        if verdict is not None:
+            ok = verdict
+        elif acl is not None:
+            ok = acl.check(who, action, topic)
+        else:
+            ok = self.cfg.acl_no_match == "allow"
         size = self.cfg.acl_cache_size
         if size:
             if len(cache) >= size:

@@ -158,7 +158,8 @@ class Shard:
                 link.close()
                 link.wake()
                 return
-            self._claim(link, p, client_id, assigned, principal, later)
+            sec.fetch_rules(principal, lambda t: self._authorized(link, p, client_id, assigned,
+                                                                  principal, t), later)
 
         # the answer may come later (a hash on a thread, a remote backend): the
         # connection stays CONNECTING, and what the client sends meanwhile stays buffered
@@ -209,7 +210,8 @@ class Shard:
             self._refuse_auth(link, exchange.client_id, p.username, err)
             return
         principal = Principal(exchange.client_id, p.username, peer_ip(link.peer))
-        self._claim(link, p, exchange.client_id, exchange.assigned, principal, now)
+        self.security.fetch_rules(principal, lambda t: self._authorized(
+            link, p, exchange.client_id, exchange.assigned, principal, t), now)
 
     def _reauth(self, link: Link, packet: Auth, now: float) -> None:
         """Re-authentication after CONNACK [MQTT-4.12.1]: AUTH 0x19 with a new client-first,
@@ -275,6 +277,12 @@ class Shard:
         link.conn.refuse(Reason.BAD_USER_NAME_OR_PASSWORD, "authentication failed")
         link.close()
         link.wake()
+
+    def _authorized(self, link: Link, p: Connect, client_id: str, assigned: str | None,
+                    principal: Principal, now: float) -> None:
+        if link.conn.state != CONNECTING:
+            return  # the client left while its ACL rows were fetched: nothing claimed yet
+        self._claim(link, p, client_id, assigned, principal, now)
 
     def _claim(self, link: Link, p: Connect, client_id: str, assigned: str | None,
                principal: Principal, now: float) -> None:
@@ -684,7 +692,7 @@ class Shard:
         if will is None:
             return
         sec = self.security
-        if sec.acl is not None:
+        if sec.authorizing:
             who = session.principal or Principal(session.client_id, None, None)
             if not sec.allowed(who, ACL_PUBLISH, will.topic):
                 sec.publish_denied += 1
@@ -737,7 +745,7 @@ class Shard:
                 link.wake()
                 return
         sec = self.security
-        if sec.acl is not None and not sec.allowed(session.principal, ACL_PUBLISH, topic):  # type: ignore[arg-type]
+        if sec.authorizing and not sec.allowed(session.principal, ACL_PUBLISH, topic):  # type: ignore[arg-type]
             self._publish_denied(link, session, p, v5)
             return
         if qos == 2:
@@ -918,7 +926,7 @@ class Shard:
         if not cfg.wildcard_subscription_available and ("+" in real or "#" in real):
             return Reason.WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED, None, False
         sec = self.security
-        if sec.acl is not None and not sec.allowed(session.principal, ACL_SUBSCRIBE, real):  # type: ignore[arg-type]
+        if sec.authorizing and not sec.allowed(session.principal, ACL_SUBSCRIBE, real):  # type: ignore[arg-type]
             # 0x87 in SUBACK; MQTT 3.1.1 encodes it as 0x80 Failure
             sec.subscribe_denied += 1
             log.debug("SUBSCRIBE of %r to %r denied by the ACL", session.client_id, filt)

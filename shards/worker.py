@@ -241,9 +241,9 @@ class Worker:
         self.hash_pool = ThreadPoolExecutor(cfg.auth.hash_workers, thread_name_prefix="shoal-hash")
         # and remote backends are waited on by others, so a slow service cannot starve hashing
         io_threads = cfg.auth.http_workers if "http" in cfg.auth.backend_list() else 0
-        if "postgresql" in cfg.auth.backend_list():
+        if "postgresql" in cfg.auth.backend_list() or cfg.auth.pgsql_acl_query:
             io_threads += cfg.auth.pgsql_workers
-        if "mysql" in cfg.auth.backend_list():
+        if "mysql" in cfg.auth.backend_list() or cfg.auth.mysql_acl_query:
             io_threads += cfg.auth.mysql_workers
         self.io_pool = ThreadPoolExecutor(max(1, io_threads), thread_name_prefix="shoal-authio")
         self.security = Security(cfg.auth, cfg.mqtt.allow_anonymous, cfg.runtime.data_dir,
