@@ -127,6 +127,27 @@ def _proxy_key() -> Any:
         where the balancer is the sole way in.""")
 
 
+def _listener_auth_key() -> Any:
+    return _key(
+        "",
+        """The authentication backends this listener asks, comma-separated, in order (e.g.
+        "jwt" on a listener for devices with tokens, "builtin" on one for people): each must
+        also be named in auth.backends, where it is configured. Empty by default: the
+        listener uses the whole auth.backends chain. (A comma-separated string like
+        auth.backends, not a TOML array.)""",
+        zero="(empty) the global auth.backends chain")
+
+
+def _listener_anonymous_key() -> Any:
+    return _key(
+        "inherit",
+        """Whether clients without credentials may connect on this listener: allow, deny, or
+        inherit mqtt.allow_anonymous (the default, so one switch governs every listener
+        until one needs to differ, e.g. anonymous on a loopback TCP listener but not on the
+        public TLS one).""",
+        choices=("inherit", "allow", "deny"))
+
+
 def _certfile_key() -> Any:
     return _key(
         "",
@@ -265,6 +286,8 @@ class TcpListenerConfig:
     backlog: int = _backlog_key()
     max_connections: int = _max_conn_key()
     max_connection_rate: float = _conn_rate_key()
+    auth: str = _listener_auth_key()
+    anonymous: str = _listener_anonymous_key()
     proxy_protocol: bool = _proxy_key()
 
     def __post_init__(self) -> None:
@@ -289,6 +312,8 @@ class TlsListenerConfig:
     backlog: int = _backlog_key()
     max_connections: int = _max_conn_key()
     max_connection_rate: float = _conn_rate_key()
+    auth: str = _listener_auth_key()
+    anonymous: str = _listener_anonymous_key()
     certfile: str = _certfile_key()
     keyfile: str = _keyfile_key()
     cafile: str = _cafile_key()
@@ -318,6 +343,8 @@ class WsListenerConfig:
     backlog: int = _backlog_key()
     max_connections: int = _max_conn_key()
     max_connection_rate: float = _conn_rate_key()
+    auth: str = _listener_auth_key()
+    anonymous: str = _listener_anonymous_key()
     path: str = _ws_path_key()
     max_frame_size: int = _max_frame_key()
     proxy_protocol: bool = _proxy_key()
@@ -343,6 +370,8 @@ class WssListenerConfig:
     backlog: int = _backlog_key()
     max_connections: int = _max_conn_key()
     max_connection_rate: float = _conn_rate_key()
+    auth: str = _listener_auth_key()
+    anonymous: str = _listener_anonymous_key()
     path: str = _ws_path_key()
     max_frame_size: int = _max_frame_key()
     certfile: str = _certfile_key()
@@ -944,6 +973,21 @@ class Config:
 
     def __post_init__(self) -> None:
         _validate(self)
+        chain = self.auth.backend_list()
+        for f in fields(self.listeners):
+            table = getattr(self.listeners, f.name)
+            for name in listener_backends(table) or ():
+                if name not in chain:
+                    raise ConfigError(
+                        f"listeners.{f.name}.auth: backend {name!r} is not in auth.backends "
+                        f"({self.auth.backends or 'empty'}); configure it there first",
+                        key=f"listeners.{f.name}.auth")
+
+
+def listener_backends(table: Any) -> list[str] | None:
+    """A listener's own authentication chain, None when it uses auth.backends."""
+    names = [b.strip() for b in table.auth.split(",") if b.strip()]
+    return names or None
 
 
 # ---------------------------------------------------------------------------

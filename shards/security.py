@@ -61,14 +61,27 @@ def peer_ip(peer: str) -> IPAddress | None:
 
 
 class AuthRequest:
-    __slots__ = ("client_id", "username", "password", "ip")
+    __slots__ = ("client_id", "username", "password", "ip", "listener")
 
     def __init__(self, client_id: str, username: str | None, password: bytes | None,
-                 ip: IPAddress | None) -> None:
+                 ip: IPAddress | None, listener: str | None = None) -> None:
         self.client_id = client_id
         self.username = username
         self.password = password
         self.ip = ip
+        self.listener = listener  # which listener's policy applies (None: the global one)
+
+
+class _Policy:
+    """What one listener asks of a client: its chain and whether anonymous is allowed."""
+
+    __slots__ = ("chain", "allow_anonymous", "jwt", "scram")
+
+    def __init__(self, chain: Chain | None, allow_anonymous: bool, jwt: bool, scram: bool) -> None:
+        self.chain = chain
+        self.allow_anonymous = allow_anonymous
+        self.jwt = jwt  # a password alone (a token) reaches the chain
+        self.scram = scram  # SCRAM-SHA-256 is offered (the built-in store is in the chain)
 
 
 class Authenticator(Protocol):
@@ -540,7 +553,7 @@ class Security:
 
     def __init__(self, cfg: AuthConfig | None = None, allow_anonymous: bool = True,
                  data_dir: str = ".", offload: Offload = run_inline,
-                 io_offload: Offload | None = None) -> None:
+                 io_offload: Offload | None = None, listeners: Any = None) -> None:
         cfg = cfg if cfg is not None else AuthConfig()
         self.cfg = cfg
         self.allow_anonymous = allow_anonymous
@@ -562,17 +575,17 @@ class Security:
 
         self.builtin: BuiltinAuthenticator | None = None
         self.jwt: Any = None  # a JwtAuthenticator when the chain has one
-        backends: list[Authenticator] = []
+        by_name: dict[str, Authenticator] = {}
         for name in names:
             if name == "builtin":
                 self.builtin = BuiltinAuthenticator(cfg.credential_cache_size, offload)
-                backends.append(self.builtin)
+                by_name[name] = self.builtin
             elif name == "postgresql":
-                backends.append(StoredHashAuthenticator(
+                by_name[name] = (StoredHashAuthenticator(
                     "postgresql", pg_lookup(), cfg.credential_cache_size, offload,
                     io_offload or offload))
             elif name == "mysql":
-                backends.append(StoredHashAuthenticator(
+                by_name[name] = (StoredHashAuthenticator(
                     "mysql", my_lookup(), cfg.credential_cache_size, offload,
                     io_offload or offload))
             elif name == "jwt":
@@ -580,12 +593,33 @@ class Security:
                 key_file = cfg.jwt_public_key_file or cfg.jwt_jwks_file
                 self.jwt = JwtAuthenticator(
                     cfg, _resolve(data_dir, key_file) if key_file else None)
-                backends.append(self.jwt)
+                by_name[name] = self.jwt
             elif name == "http":
-                backends.append(HttpAuthenticator(cfg.http_url, cfg.http_timeout,
+                by_name[name] = (HttpAuthenticator(cfg.http_url, cfg.http_timeout,
                                                   cfg.credential_cache_size, cfg.http_cache_ttl,
                                                   io_offload or offload))
-        self.chain: Chain | None = Chain(backends) if backends else None
+        self.chain: Chain | None = Chain([by_name[n] for n in names]) if names else None
+        self._default = _Policy(self.chain, allow_anonymous, "jwt" in names, "builtin" in names)
+        # listeners with a chain or an anonymous rule of their own (see [listeners.*])
+        self._policies: dict[str, _Policy] = {}
+        if listeners is not None:
+            from dataclasses import fields
+
+            from shards.config import listener_backends
+            for f in fields(listeners):
+                table = getattr(listeners, f.name)
+                own = listener_backends(table)
+                mode = table.anonymous
+                if own is None and mode == "inherit":
+                    continue
+                chain_names = names if own is None else own
+                unknown = [n for n in chain_names if n not in by_name]
+                if unknown:  # Config refuses this; a hand-built one gets told too
+                    raise ValueError(f"listeners.{f.name}.auth names {unknown} outside auth.backends")
+                self._policies[f.name] = _Policy(
+                    Chain([by_name[n] for n in chain_names]) if chain_names else None,
+                    allow_anonymous if mode == "inherit" else mode == "allow",
+                    "jwt" in chain_names, "builtin" in chain_names)
         # per-connection rules from the databases, fetched once per CONNECT
         self.acl_sources: list[tuple[str, Callable[[str | None, str], list[tuple[str, str, str]]]]] = []
         if cfg.pgsql_acl_query:
@@ -698,22 +732,27 @@ class Security:
             return self.banned.why(client_id, username, ip, now)
         return None
 
-    def authenticate(self, request: AuthRequest, then: Done, now: float) -> None:
-        """``then(reason, now)``: 0 to accept, else the CONNACK reason code."""
-        if request.username is None and (request.password is None or self.jwt is None):
-            # (an MQTT 5 client may send a password alone: a token for the jwt backend)
-            then(Reason.SUCCESS if self.allow_anonymous else Reason.NOT_AUTHORIZED, now)
-        elif self.chain is None:
-            # nothing can check a username: accepted unchecked only while anonymous is
-            then(Reason.SUCCESS if self.allow_anonymous else Reason.BAD_USER_NAME_OR_PASSWORD, now)
-        else:
-            self.chain.check(request, then, now)  # type: ignore[arg-type]
+    def _policy(self, listener: str | None) -> _Policy:
+        return self._policies.get(listener, self._default) if listener else self._default
 
-    @property
-    def scram_available(self) -> bool:
-        """SCRAM-SHA-256 enhanced authentication is offered with the built-in store, which
-        keeps the verifiers (``shoal user add`` writes them)."""
-        return self.builtin is not None
+    def authenticate(self, request: AuthRequest, then: Done, now: float) -> None:
+        """``then(reason, now)``: 0 to accept, else the CONNACK reason code. The policy is
+        the request's listener's, else the global one."""
+        policy = self._policy(request.listener)
+        if request.username is None and (request.password is None or not policy.jwt):
+            # (an MQTT 5 client may send a password alone: a token for the jwt backend)
+            then(Reason.SUCCESS if policy.allow_anonymous else Reason.NOT_AUTHORIZED, now)
+        elif policy.chain is None:
+            # nothing can check a username: accepted unchecked only while anonymous is
+            then(Reason.SUCCESS if policy.allow_anonymous else Reason.BAD_USER_NAME_OR_PASSWORD,
+                 now)
+        else:
+            policy.chain.check(request, then, now)  # type: ignore[arg-type]
+
+    def scram_offered(self, listener: str | None = None) -> bool:
+        """SCRAM-SHA-256 enhanced authentication is offered where the built-in store, which
+        keeps the verifiers (``shoal user add`` writes them), is in the listener's chain."""
+        return self.builtin is not None and self._policy(listener).scram
 
     def scram_verifier(self, username: str) -> Verifier:
         """The user's verifier, or a decoy that no proof matches (unknown user, or a user

@@ -122,7 +122,9 @@ class Shard:
         conn = link.conn
         if p.username is None:  # mTLS: the verified certificate's name (worker's peer_username)
             p.username = link.peer_username
-        refusal = self._check_connect(p)
+        # the listener it came in on may have its own authentication (see [listeners.*])
+        listener: str | None = getattr(link, "listener", None)
+        refusal = self._check_connect(p, listener)
         if refusal is not None:
             reason, why = refusal
             log.info("refused CONNECT from %s (%r): %s", link.peer, p.client_id, why)
@@ -163,7 +165,8 @@ class Shard:
 
         # the answer may come later (a hash on a thread, a remote backend): the
         # connection stays CONNECTING, and what the client sends meanwhile stays buffered
-        sec.authenticate(AuthRequest(client_id, p.username, p.password, ip), authenticated, now)
+        sec.authenticate(AuthRequest(client_id, p.username, p.password, ip, listener),
+                         authenticated, now)
 
     # -- enhanced authentication (MQTT 5 AUTH, SCRAM-SHA-256) ------------------------------
 
@@ -384,7 +387,7 @@ class Shard:
         for handover in self._connecting.pop(client_id, ()):
             handover(now)
 
-    def _check_connect(self, p: Connect) -> tuple[int, str] | None:
+    def _check_connect(self, p: Connect, listener: str | None = None) -> tuple[int, str] | None:
         cfg = self.cfg
         v5 = p.protocol_level == MQTT_5
         cid = p.client_id
@@ -399,7 +402,8 @@ class Shard:
         elif len(cid) > cfg.max_client_id_length:
             return Reason.CLIENT_IDENTIFIER_NOT_VALID, "client identifier too long"
         method = p.props.get(Prop.AUTHENTICATION_METHOD)
-        if method is not None and (method != SCRAM_METHOD or not self.security.scram_available):
+        if method is not None and (method != SCRAM_METHOD
+                                   or not self.security.scram_offered(listener)):
             return Reason.BAD_AUTHENTICATION_METHOD, f"authentication method {method!r} is not offered"
         will = p.will
         if will is not None:

@@ -247,7 +247,7 @@ class Worker:
             io_threads += cfg.auth.mysql_workers
         self.io_pool = ThreadPoolExecutor(max(1, io_threads), thread_name_prefix="shoal-authio")
         self.security = Security(cfg.auth, cfg.mqtt.allow_anonymous, cfg.runtime.data_dir,
-                                 self.offload, self.offload_io)
+                                 self.offload, self.offload_io, cfg.listeners)
         # start-up reads the user, ACL and banned files; a missing or invalid ACL stops us
         self.security.load(loop.time(), time.time())
         self.shard = Shard(cfg.mqtt, index, loop.time(), host or LocalHost(), self.security)
