@@ -117,14 +117,17 @@ def _backlog_key() -> Any:
         lo=1, hi=_UINT16)
 
 
-def _proxy_key() -> Any:
+def _proxy_key(tls: bool = False) -> Any:
+    extra = (""" The header comes before the TLS handshake (HAProxy passing TLS through in TCP
+        mode); TLS then runs in a Python layer over memory buffers rather than in the loop,
+        which costs some CPU per record.""" if tls else "")
     return _key(
         False,
         """Expect a PROXY protocol header (v1 text or v2 binary, as HAProxy's send-proxy and
         send-proxy-v2 write) at the start of every connection, and take the client's address
         from it. Off by default: with it on, a connection without the header is closed, and
         anyone who reaches the port directly could claim any address, so turn it on only
-        where the balancer is the sole way in.""")
+        where the balancer is the sole way in.""" + extra)
 
 
 def _listener_auth_key() -> Any:
@@ -320,6 +323,7 @@ class TlsListenerConfig:
     verify_client: str = _verify_client_key()
     peer_cert_as_username: str = _peer_cert_key()
     min_version: str = _min_version_key()
+    proxy_protocol: bool = _proxy_key(tls=True)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -380,6 +384,7 @@ class WssListenerConfig:
     verify_client: str = _verify_client_key()
     peer_cert_as_username: str = _peer_cert_key()
     min_version: str = _min_version_key()
+    proxy_protocol: bool = _proxy_key(tls=True)
 
     def __post_init__(self) -> None:
         _validate(self)

@@ -28,7 +28,7 @@ from typing import Any
 from pathlib import Path
 
 from listeners.proxy import ProxyProtocolLayer
-from listeners.tls import peer_identity
+from listeners.tls import TlsLayer, peer_identity
 from listeners.websocket import WebSocketLayer
 from shards.config import Config
 from shards.process import boot, run, run_dir_for
@@ -459,6 +459,13 @@ async def _serve_tls(worker: Worker, sock: socket.socket) -> asyncio.AbstractSer
     # bounded by the connect timeout, as a CONNECT that never comes would be
     table = worker.cfg.listeners.tls
     mode = table.peer_cert_as_username
+    if table.proxy_protocol:
+        # the PROXY header precedes the handshake: TLS is a layer under it
+        ctx, timeout = tls_context(table), worker.cfg.mqtt.connect_timeout
+
+        def factory() -> asyncio.Protocol:
+            return ProxyProtocolLayer(TlsLayer(ClientProtocol(worker, mode, "tls"), ctx, timeout))
+        return await worker.loop.create_server(factory, sock=sock, backlog=table.backlog)
     return await worker.loop.create_server(
         lambda: ClientProtocol(worker, mode, "tls"), sock=sock, backlog=table.backlog,
         ssl=tls_context(table), ssl_handshake_timeout=worker.cfg.mqtt.connect_timeout)
@@ -479,6 +486,13 @@ async def _serve_ws(worker: Worker, sock: socket.socket) -> asyncio.AbstractServ
 async def _serve_wss(worker: Worker, sock: socket.socket) -> asyncio.AbstractServer:
     table = worker.cfg.listeners.wss
     path, max_frame, mode = table.path, table.max_frame_size, table.peer_cert_as_username
+    if table.proxy_protocol:
+        ctx, timeout = tls_context(table), worker.cfg.mqtt.connect_timeout
+
+        def factory() -> asyncio.Protocol:
+            return ProxyProtocolLayer(TlsLayer(
+                WebSocketLayer(ClientProtocol(worker, mode, "wss"), path, max_frame), ctx, timeout))
+        return await worker.loop.create_server(factory, sock=sock, backlog=table.backlog)
     return await worker.loop.create_server(
         lambda: WebSocketLayer(ClientProtocol(worker, mode, "wss"), path, max_frame), sock=sock,
         backlog=table.backlog, ssl=tls_context(table),
