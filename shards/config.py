@@ -768,6 +768,14 @@ class AuthConfig:
         "",
         """When set, a token's aud claim must name it.""",
         zero="(empty) aud is not checked (a token with an aud claim is still accepted)")
+    jwt_acl_claim: str = _key(
+        "acl",
+        """The token claim holding the client's ACL, as EMQX reads it: either
+        {"pub": [...], "sub": [...], "all": [...]} (topics allowed) or a list of
+        {"permission", "action", "topic"} rules. Its rules are asked first (before any
+        database rows and the ACL file), first match wins, none matching falls through;
+        %u/%c placeholders work. A token without the claim adds no rules.""",
+        zero="(empty) no claim is read")
     reload_interval: float = _key(
         1.0,
         """How often, at most, a shard checks whether the user, ACL and banned files changed

@@ -50,7 +50,7 @@ class JwtAuthenticator:
         self.jwks: dict[str, Any] = {}  # kid -> key ("" for a key without kid)
         self._file = WatchedFile(key_path, cfg.reload_interval) if key_path else None
         self._jwks = bool(cfg.jwt_jwks_file)
-        self.options: dict[str, Any] = {"require": ["exp"] if cfg.jwt_require_exp else [],
+        self.options: Any = {"require": ["exp"] if cfg.jwt_require_exp else [],
                                         "verify_aud": bool(cfg.jwt_audience)}
         self.accepted = 0
         self.refused = 0
@@ -126,8 +126,9 @@ class JwtAuthenticator:
             return next(iter(self.jwks.values())) if len(self.jwks) == 1 else None
         return self.jwks.get(kid) if isinstance(kid, str) else None
 
-    def verify(self, token: str) -> int | None:
-        """None: not a JWT; else 0 (valid) or a CONNACK reason code."""
+    def verify(self, token: str, request: Any = None) -> int | None:
+        """None: not a JWT; else 0 (valid) or a CONNACK reason code. The ACL claim of a
+        valid token goes to ``request.acl_rows``."""
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -140,7 +141,7 @@ class JwtAuthenticator:
         cfg = self.cfg
         try:
             # PyJWT checks exp/nbf/iat against its own clock; leeway covers skew
-            jwt.decode(token, key, algorithms=self.algorithms, leeway=cfg.jwt_leeway,
+            claims = jwt.decode(token, key, algorithms=self.algorithms, leeway=cfg.jwt_leeway,
                        issuer=cfg.jwt_issuer or None, audience=cfg.jwt_audience or None,
                        options=self.options)
         except jwt.PyJWTError as err:
@@ -148,8 +149,36 @@ class JwtAuthenticator:
             self.refused += 1
             return Reason.BAD_USER_NAME_OR_PASSWORD
         self.accepted += 1
+        claim = cfg.jwt_acl_claim
+        if claim and request is not None and claim in claims:
+            request.acl_rows = acl_rows(claims[claim])
         return Reason.SUCCESS
 
     def check(self, request: Any, then: Done, now: float) -> None:
         token = self.token_of(request.username, request.password)
-        then(None if not token else self.verify(token), now)
+        then(None if not token else self.verify(token, request), now)
+
+
+_CLAIM_ACTIONS = {"pub": "publish", "sub": "subscribe", "all": "all"}
+
+
+def acl_rows(claim: Any) -> list[tuple[str, str, str]]:
+    """(permission, action, topic) rows from an ``acl`` claim in either of EMQX's forms;
+    entries of the wrong shape become rows that :func:`shards.acl.rules_from_rows` logs
+    and skips (so a bad entry never widens what is allowed)."""
+    rows: list[tuple[str, str, str]] = []
+    if isinstance(claim, dict):
+        for key, topics in claim.items():
+            action = _CLAIM_ACTIONS.get(key, str(key))
+            for topic in topics if isinstance(topics, list) else [topics]:
+                rows.append(("allow", action, topic if isinstance(topic, str) else ""))
+    elif isinstance(claim, list):
+        for rule in claim:
+            if isinstance(rule, dict):
+                rows.append((str(rule.get("permission", "")), str(rule.get("action", "")),
+                             str(rule.get("topic", ""))))
+            else:
+                rows.append(("", "", ""))
+    else:
+        rows.append(("", "", ""))
+    return rows

@@ -61,7 +61,7 @@ def peer_ip(peer: str) -> IPAddress | None:
 
 
 class AuthRequest:
-    __slots__ = ("client_id", "username", "password", "ip", "listener")
+    __slots__ = ("client_id", "username", "password", "ip", "listener", "acl_rows")
 
     def __init__(self, client_id: str, username: str | None, password: bytes | None,
                  ip: IPAddress | None, listener: str | None = None) -> None:
@@ -70,6 +70,8 @@ class AuthRequest:
         self.password = password
         self.ip = ip
         self.listener = listener  # which listener's policy applies (None: the global one)
+        # out: ACL rows (permission, action, topic) the accepting backend returned
+        self.acl_rows: list[tuple[str, str, str]] | None = None
 
 
 class _Policy:
@@ -626,8 +628,10 @@ class Security:
             self.acl_sources.append(("postgresql", pg_lookup().rules))
         if cfg.mysql_acl_query:
             self.acl_sources.append(("mysql", my_lookup().rules))
-        # False: no ACL file and no ACL query, and the publish path skips authorization
-        self.authorizing = bool(cfg.acl_file or self.acl_sources)
+        # False: no ACL file, no ACL query and no JWT acl claim read, and the publish path
+        # skips authorization
+        self._claims_rules = "jwt" in names and bool(cfg.jwt_acl_claim)
+        self.authorizing = bool(cfg.acl_file or self.acl_sources or self._claims_rules)
         self.acl: Acl | None = None
         self._acl_cache: dict[tuple[Principal, int, str], bool] = {}
         self.banned = Banned()
@@ -719,7 +723,7 @@ class Security:
 
     def set_acl(self, acl: Acl | None) -> None:
         self.acl = acl
-        self.authorizing = acl is not None or bool(self.acl_sources)
+        self.authorizing = acl is not None or bool(self.acl_sources) or self._claims_rules
         self._acl_cache.clear()
 
     # -- CONNECT --------------------------------------------------------------------------
@@ -797,13 +801,19 @@ class Security:
             for failure in failures:
                 log.warning("ACL query for %r failed, counted as no rows: %s", who.client_id,
                             failure)
-            rules, bad = rules_from_rows(rows)
-            if bad:
-                log.warning("ACL rows for %r ignored: %s", who.client_id, "; ".join(bad[:5]))
-            who.rules = rules or None
+            self.set_rules(who, rows)
             then(later)
 
         self.io_offload(fetch, fetched, now)
+
+    def set_rules(self, who: Principal, rows: list[tuple[str, str, str]]) -> None:
+        """Add rules from rows to ``who``'s own, after those it has (a JWT's claim first,
+        then the databases')."""
+        rules, bad = rules_from_rows(rows)
+        if bad:
+            log.warning("ACL rows for %r ignored: %s", who.client_id, "; ".join(bad[:5]))
+        if rules:
+            who.rules = (who.rules or []) + rules
 
     def allowed(self, who: Principal, action: int, topic: str) -> bool:
         """Whether ``who`` may publish to / subscribe to ``topic``; only call while

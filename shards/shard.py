@@ -160,13 +160,15 @@ class Shard:
                 link.close()
                 link.wake()
                 return
+            if request.acl_rows is not None:  # rules a backend returned (a JWT's acl claim)
+                sec.set_rules(principal, request.acl_rows)
             sec.fetch_rules(principal, lambda t: self._authorized(link, p, client_id, assigned,
                                                                   principal, t), later)
 
         # the answer may come later (a hash on a thread, a remote backend): the
         # connection stays CONNECTING, and what the client sends meanwhile stays buffered
-        sec.authenticate(AuthRequest(client_id, p.username, p.password, ip, listener),
-                         authenticated, now)
+        request = AuthRequest(client_id, p.username, p.password, ip, listener)
+        sec.authenticate(request, authenticated, now)
 
     # -- enhanced authentication (MQTT 5 AUTH, SCRAM-SHA-256) ------------------------------
 

@@ -103,3 +103,16 @@ def test_jwks_file_with_two_keys(make_broker: Any, connect: Any, uid: str, tmp_p
                    ).connack.reason_code == BAD_CREDENTIALS
     assert connect(b, f"{uid}d", "u", rs(claims(iss="other"), k1, headers={"kid": "k1"})
                    ).connack.reason_code == BAD_CREDENTIALS
+
+
+def test_acl_claim(make_broker: Any, connect: Any, uid: str) -> None:
+    b = make_broker({"auth": {"backends": "jwt", "jwt_secret": SECRET, "acl_no_match": "deny"}})
+    token = hs(claims(acl={"pub": [f"{uid}/%c/up"], "sub": [f"{uid}/%c/#"]}))
+    c = connect(b, f"{uid}dev", "dev", token)
+    assert c.connack.reason_code == 0
+    assert c.subscribe(f"{uid}/{uid}dev/#", qos=1) == [1]
+    assert c.subscribe(f"{uid}/other/#", qos=1) == [0x87]
+    assert c.publish(f"{uid}/{uid}dev/up", b"reading", qos=1) == 0
+    assert c.get().payload == b"reading"
+    assert c.publish(f"{uid}/{uid}dev/down", b"no", qos=1) == 0x87  # sub only
+    c.expect_none(0.3)

@@ -183,3 +183,40 @@ def test_token_in_the_username_or_a_password_without_username(tmp_path: Path) ->
     assert answers(sec, None, hs(claims())) == [0]
     assert answers(sec, None, hs(claims(exp=1))) == [BAD]
     assert answers(sec, None, None) == [Reason.NOT_AUTHORIZED]
+
+
+def test_acl_claim_in_both_emqx_forms() -> None:
+    from shards.jwtauth import acl_rows
+    assert acl_rows({"pub": ["a/%c"], "sub": ["b/#"], "all": "c"}) == [
+        ("allow", "publish", "a/%c"), ("allow", "subscribe", "b/#"), ("allow", "all", "c")]
+    assert acl_rows([{"permission": "deny", "action": "publish", "topic": "x"}]) == [
+        ("deny", "publish", "x")]
+    from shards.acl import rules_from_rows
+    for bad in ("nonsense", [1], {"pub": [2]}, {"read": ["t"]}):
+        rules, skipped = rules_from_rows(acl_rows(bad))
+        assert not rules and skipped  # a bad entry never widens what is allowed
+
+
+def test_acl_claim_governs_the_connection_through_a_shard(tmp_path: Path) -> None:
+    from shards.config import MQTTConfig
+    from shards.protocol.packets import MQTT_5, Connect, Puback, Publish, Suback, SubOptions, Subscribe
+    from shards.shard import Shard
+    from tests.unit.shardkit import FakeLink
+    sec = loaded(tmp_path, jwt_secret=SECRET, acl_no_match="deny")
+    shard = Shard(MQTTConfig(), 0, 0.0, security=sec)
+    acl = [{"permission": "deny", "action": "all", "topic": "dev/%c/secret"},
+           {"permission": "allow", "action": "all", "topic": "dev/%c/#"}]
+    link = FakeLink(shard)
+    link.send(Connect("d1", protocol_level=MQTT_5, username="u", password=hs(claims(acl=acl))))
+    assert link.received()[0].reason_code == 0  # type: ignore[attr-defined]
+    link.send(Subscribe(1, [("dev/d1/#", SubOptions(1)), ("dev/d2/#", SubOptions(1))]))
+    (suback,) = link.received()
+    assert isinstance(suback, Suback) and suback.reason_codes == [1, Reason.NOT_AUTHORIZED]
+    link.send(Publish("dev/d1/secret", b"x", qos=1, packet_id=5))
+    assert link.received() == [Puback(5, Reason.NOT_AUTHORIZED)]
+    # a token without the claim: only acl_no_match (deny here)
+    other = FakeLink(shard)
+    other.send(Connect("d2", protocol_level=MQTT_5, username="u", password=hs(claims())))
+    other.received()
+    other.send(Publish("dev/d2/x", b"x", qos=1, packet_id=1))
+    assert other.received() == [Puback(1, Reason.NOT_AUTHORIZED)]
