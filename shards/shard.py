@@ -183,7 +183,9 @@ class Shard:
         except ScramError as err:
             self._refuse_auth(link, client_id, p.username, err)
             return
-        if p.username is not None and p.username != name:
+        # a user name in CONNECT must be the one proved (a certificate's name, which
+        # connect() put there when CONNECT had none, does not count)
+        if p.username is not None and p.username != name and p.username != link.peer_username:
             self._refuse_auth(link, client_id, p.username, "SCRAM user differs from user name")
             return
         p.username = name  # who the client proves to be, for bans, ACLs and logs
@@ -370,6 +372,7 @@ class Shard:
             if exchange is not None:  # the server-final message proves us to the client
                 props[Prop.AUTHENTICATION_METHOD] = conn.auth_method
                 props[Prop.AUTHENTICATION_DATA] = exchange.final
+                exchange.connect = None  # the CONNECT (and its will) is not kept past here
         conn.accept(Connack(session_present, Reason.SUCCESS, props), keepalive)
         self.connected += 1
         self.max_connected = max(self.max_connected, self.connected)

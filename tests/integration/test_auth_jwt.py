@@ -116,3 +116,14 @@ def test_acl_claim(make_broker: Any, connect: Any, uid: str) -> None:
     assert c.get().payload == b"reading"
     assert c.publish(f"{uid}/{uid}dev/down", b"no", qos=1) == 0x87  # sub only
     c.expect_none(0.3)
+
+
+def test_missing_key_file_stops_the_broker_with_a_clear_error(tmp_path: Path,
+                                                              loop_name: str) -> None:
+    from tests.harness import start_shoal
+    with pytest.raises(RuntimeError) as info:
+        start_shoal(tmp_path, {"auth": {"backends": "jwt",
+                                        "jwt_jwks_file": str(tmp_path / "missing.json")}},
+                    loop=loop_name)
+    text = str(info.value)
+    assert "missing.json" in text and "Traceback" not in text

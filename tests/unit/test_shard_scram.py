@@ -209,3 +209,18 @@ def test_user_store_keeps_a_verifier_beside_the_hash(tmp_path: Any) -> None:
     connected(shard, ScramClient("alice", "secret", "n"))
     assert delete_user(path, "alice")
     assert read_store(path) == ({}, {})
+
+
+def test_a_certificate_name_does_not_stand_in_the_way() -> None:
+    # mTLS with peer_cert_as_username: the certificate's name fills an empty CONNECT user
+    # name, but the user SCRAM proves is who the client is
+    shard = scram_shard()
+    client = ScramClient("alice", "secret", "n")
+    link = FakeLink(shard)
+    link.peer_username = "device-cert"
+    link.send(Connect("c", protocol_level=MQTT_5,
+                      props={**METHOD, Prop.AUTHENTICATION_DATA: client.first()}))
+    answer(link, client.final(challenge(link)))
+    assert connack(link).reason_code == 0
+    principal = shard.sessions["c"].principal
+    assert principal is not None and principal.username == "alice"
