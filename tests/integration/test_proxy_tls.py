@@ -8,8 +8,6 @@ import json
 import socket
 import ssl
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import pytest
 
