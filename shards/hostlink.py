@@ -32,8 +32,9 @@ from typing import TYPE_CHECKING, Any
 
 from router.bus import Bus
 from router.framing import (
-    CONTROL, FLAG_ACK, FLAG_RETAIN_ONLY, PUBLISH, FrameDecoder, decode_control, encode_control, encode_frame,
+    CONTROL, DATAGRAM, FLAG_ACK, FLAG_RETAIN_ONLY, PUBLISH, FrameDecoder, decode_control, encode_control, encode_frame,
 )
+from router.counters import HostCounters
 from router.index import pick_shard
 from router.shm import ShmTopicIndex
 from shards.host import Claimed, Continue, IndexKey
@@ -61,11 +62,12 @@ MATCH_CACHE_MAX = 65536
 
 
 class Welcome:
-    def __init__(self, msg: dict[str, Any], sockets: list[socket.socket], ctl: socket.socket) -> None:
+    def __init__(self, msg: dict[str, Any], fds: list[int], ctl: socket.socket) -> None:
         self.workers: int = msg["workers"]
         self.tag: str = msg["tag"]
         self.listeners: list[dict[str, Any]] = msg["listeners"]
-        self.sockets = sockets
+        self.counters_fd = fds.pop() if msg.get("counters") and fds else -1
+        self.sockets = [socket.socket(fileno=fd) for fd in fds]
         self.control = ctl
 
 
@@ -100,7 +102,7 @@ def join_router(run_dir: str, index: int, workers: int, timeout: float = ROUTER_
     msg = decode_control(frame[1])
     s.settimeout(None)
     s.setblocking(False)
-    return Welcome(msg, [socket.socket(fileno=fd) for fd in fds], s)
+    return Welcome(msg, fds, s)
 
 
 class ControlClient(asyncio.Protocol):
@@ -135,6 +137,9 @@ class RouterHost:
         self.run_dir = run_dir
         self.shard: Shard | None = None
         self.topic_index = ShmTopicIndex.attach(welcome.tag)
+        # host-wide connection counts (None from a router that does not share them)
+        self.counters = (HostCounters.attach(welcome.counters_fd, welcome.workers)
+                         if welcome.counters_fd >= 0 else None)
         self.bus = Bus(index, run_dir, self.on_frame, on_peer=self._on_peer,
                        on_congestion=self._on_congestion)
         # QoS 1/2 frames the bus refused (peer backlog full), sent again when it drains:
@@ -174,6 +179,8 @@ class RouterHost:
         # per peer: ids of its QoS 1/2 messages to confirm after our next commit
         self._to_confirm: dict[int, list[int]] = {}
         self.on_pending: Callable[[], None] = lambda: None
+        # QUIC datagrams other shards forward to us (listeners.quic.steering)
+        self.on_datagram: Callable[[bytes], None] | None = None
 
     async def start(self, shard: Shard) -> None:
         self.shard = shard
@@ -233,6 +240,10 @@ class RouterHost:
                 self._takeover_request(peer, request, now)
         elif op == "sys":
             self.sys_stats = msg["stats"]
+        elif op == "flapping" and self.shard is not None:
+            flapping = self.shard.security.flapping
+            if flapping is not None:
+                flapping.ban(msg["cid"], now + float(msg["for"]))
         elif op == "disown" and self.shard is not None:
             for cid in msg["cids"]:
                 self.shard.disown(cid, now)
@@ -256,6 +267,13 @@ class RouterHost:
 
     def claim_done(self, client_id: str) -> None:
         self._my_claim.pop(client_id, None)
+
+    def disconnected(self, client_id: str, now: float) -> bool:
+        # the router counts every shard's disconnects of an id: a client that reconnects
+        # through the kernel's hash lands on another shard each time, and per-shard counts
+        # would need N times the disconnects to notice it
+        self._send({"op": "disconnected", "cid": client_id})
+        return True
 
     def released(self, client_id: str) -> None:
         self._send({"op": "release", "cid": client_id})
@@ -441,6 +459,15 @@ class RouterHost:
             return True
         return pick_shard(mask, msg.id) == self.index
 
+    def send_datagram(self, peer: int, blob: bytes) -> None:
+        """A QUIC datagram for the shard that owns its connection id. Dropped if the bus is
+        congested, as the network would: QUIC retransmits."""
+        if not self._retry.get(peer):
+            try:
+                self.bus.send(peer, DATAGRAM, blob)
+            except KeyError:
+                pass  # not a shard of ours (a forged id's owner): drop it
+
     def relay(self, shard: int, client_id: str, msg: Message, qos: int, retain: bool,
               sub_ids: tuple[int, ...]) -> None:
         self._bus_control(shard, {"op": "relay", "cid": client_id, "qos": qos, "retain": retain,
@@ -511,6 +538,11 @@ class RouterHost:
             shard.received(msg, not flags & FLAG_RETAIN_ONLY, now)
             if flags & FLAG_ACK:
                 self._confirm_later(peer, msg.id)  # after this turn's commit
+            return
+        if ftype == DATAGRAM:
+            on_datagram = self.on_datagram
+            if on_datagram is not None:
+                on_datagram(bytes(body))
             return
         if ftype != CONTROL:
             return

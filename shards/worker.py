@@ -38,6 +38,7 @@ from shards.protocol.connection import CLOSED, MQTTConnection
 from shards.protocol.errors import ProtocolError, Reason
 from shards.protocol.packets import PUBLISH
 from shards.hostlink import RouterHost, Welcome, join_router
+from router.counters import COLUMN, HostCounters
 from shards.limits import LogLimiter, TokenBucket, share
 from shards.acl import AclError
 from shards.jwtauth import JwtKeyError
@@ -65,6 +66,8 @@ class ClientProtocol(asyncio.Protocol):
     __slots__ = ("worker", "transport", "conn", "session", "congested", "peer_username",
                  "cert_username", "disconnected_cleanly", "_dirty", "_closing", "_processing",
                  "listener", "admitted", "throttled", "msg_bucket", "byte_bucket", "_throttle_timer")
+    # more than one output per connection (MQTT over QUIC's data streams): see flush_data
+    multi = False
 
     def __init__(self, worker: Worker, cert_username: str = "none", listener: str = "tcp") -> None:
         self.worker = worker
@@ -260,23 +263,30 @@ class Worker:
         self._flush_scheduled = False
         self.bytes_in = 0
         self.bytes_out = 0
-        self.servers: list[asyncio.AbstractServer] = []
+        self.servers: list[Any] = []  # asyncio servers and QUIC endpoints: close() stops accepting
         self.stopping = asyncio.Event()
         self.input_paused = False
-        self._setup_limits(host.workers if isinstance(host, RouterHost) else 1)
+        if isinstance(host, RouterHost):
+            self._setup_limits(host.workers, host.counters)
+        else:
+            self._setup_limits(1, None)
 
-    def _setup_limits(self, shards: int) -> None:
-        """Each shard enforces its share (ceil(L / N)) of the host-wide connection limits."""
+    def _setup_limits(self, shards: int, counts: HostCounters | None) -> None:
+        """Connection limits are host-wide: under a router every shard adds up the counts
+        all shards publish (``counts``, router/counters.py) before admitting one; without
+        them each of the ``shards`` shards keeps its share ceil(L / N)."""
         cfg = self.cfg
         now = self.loop.time()
-        self.max_connections = share(cfg.limits.max_connections, shards)
+        self.host_counts = counts
+        split = 1 if self.host_counts is not None else shards
+        self.max_connections = share(cfg.limits.max_connections, split)
         self.connections = 0
         self.listener_max: dict[str, int] = {}
         self.listener_connections: dict[str, int] = {}
         self.listener_rate: dict[str, TokenBucket] = {}
-        for name in ("tcp", "tls", "ws", "wss"):
+        for name in ("tcp", "tls", "ws", "wss", "quic"):
             table = getattr(cfg.listeners, name)
-            self.listener_max[name] = share(table.max_connections, shards)
+            self.listener_max[name] = share(table.max_connections, split)
             self.listener_connections[name] = 0
             if table.max_connection_rate > 0:
                 rate = table.max_connection_rate / shards
@@ -287,9 +297,14 @@ class Worker:
     def admit(self, listener: str) -> bool:
         """Count a new connection in, or refuse it (and count the refusal)."""
         cap = self.listener_max[listener]
-        count = self.listener_connections[listener]
+        counts = self.host_counts
+        if counts is None:
+            total, count = self.connections, self.listener_connections[listener]
+        else:
+            total = counts.total(0) if self.max_connections else 0
+            count = counts.total(COLUMN[listener]) if cap else 0
         why = None
-        if self.max_connections and self.connections >= self.max_connections:
+        if self.max_connections and total >= self.max_connections:
             why = "limits.max_connections"
         elif cap and count >= cap:
             why = f"listeners.{listener}.max_connections"
@@ -299,7 +314,11 @@ class Worker:
                 why = f"listeners.{listener}.max_connection_rate"
         if why is None:
             self.connections += 1
-            self.listener_connections[listener] = count + 1
+            self.listener_connections[listener] += 1
+            if counts is not None:
+                k = self.shard.index
+                counts.add(k, 0, 1)
+                counts.add(k, COLUMN[listener], 1)
             return True
         self.shard.counters.connections_refused += 1
         held = self._refusal_log.allow(self.loop.time())
@@ -311,6 +330,11 @@ class Worker:
     def release(self, listener: str) -> None:
         self.connections -= 1
         self.listener_connections[listener] -= 1
+        counts = self.host_counts
+        if counts is not None:
+            k = self.shard.index
+            counts.add(k, 0, -1)
+            counts.add(k, COLUMN[listener], -1)
 
     def note_throttled(self, link: ClientProtocol) -> None:
         self.shard.counters.clients_throttled += 1
@@ -356,6 +380,8 @@ class Worker:
                     transport.pause_reading()
                 elif not link.throttled:  # a throttled link resumes when its timer fires
                     transport.resume_reading()
+                if link.multi and (paused or not link.throttled):
+                    link.pause_reading_all(paused)  # type: ignore[attr-defined]
 
     def schedule_flush(self) -> None:
         if not self._flush_scheduled:
@@ -375,6 +401,8 @@ class Worker:
             transport = link.transport
             if transport is None or transport.is_closing():
                 continue
+            if link.multi:
+                out += link.flush_data()  # type: ignore[attr-defined]
             data = link.conn.data_to_send()
             if data:
                 out += len(data)
@@ -500,11 +528,18 @@ async def _serve_wss(worker: Worker, sock: socket.socket) -> asyncio.AbstractSer
 
 
 # how a shard serves a listening socket of each transport (see shards/listening.py)
-SERVERS: dict[str, Callable[[Worker, socket.socket], Awaitable[asyncio.AbstractServer]]] = {
+async def _serve_quic(worker: Worker, sock: socket.socket) -> Any:
+    # imported here: the QUIC glue builds on this module's ClientProtocol
+    from shards.quiclink import serve_quic
+    return await serve_quic(worker, sock)
+
+
+SERVERS: dict[str, Callable[[Worker, socket.socket], Awaitable[Any]]] = {
     "tcp": _serve_tcp,
     "tls": _serve_tls,
     "ws": _serve_ws,
     "wss": _serve_wss,
+    "quic": _serve_quic,
 }
 
 
