@@ -10,9 +10,12 @@ SSLObject class logs it: one line per failed handshake, never per record.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 from typing import Any
+
+from listeners.adapter import Layer
 
 log = logging.getLogger("shoal.tls")
 
@@ -79,3 +82,130 @@ def peer_identity(cert: dict[str, Any] | None, source: str) -> str | None:
                     return str(value)
         return None
     raise ValueError(f"unknown certificate name source {source!r}")
+
+
+class TlsLayer(Layer):
+    """TLS as a layer, over an ``ssl.MemoryBIO`` pair, for where the TLS handshake does not
+    start the connection: behind a PROXY protocol header (``ProxyProtocolLayer(TlsLayer(
+    inner))``), which the loop's own TLS (``create_server(ssl=...)``) cannot skip over.
+
+    The record layer runs in Python here (the crypto stays in OpenSSL), so it costs more
+    per record than uvloop's; listeners without a PROXY header keep the loop's TLS.
+
+    Unlike the other layers, the inner protocol is told of the connection only once the
+    handshake is done, as the loop's TLS does, so that it sees the client certificate at
+    ``connection_made``; a handshake that stalls is therefore bounded by this layer's own
+    timer (``handshake_timeout``, the listener passes the MQTT connect timeout).
+    """
+
+    def __init__(self, inner: asyncio.Protocol, context: ssl.SSLContext,
+                 handshake_timeout: float) -> None:
+        super().__init__(inner)
+        self._in = ssl.MemoryBIO()
+        self._out = ssl.MemoryBIO()
+        self._ssl = context.wrap_bio(self._in, self._out, server_side=True)
+        self._done = False
+        self._timeout = handshake_timeout
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self._timer = asyncio.get_running_loop().call_later(self._timeout, self._stalled)
+
+    def _stalled(self) -> None:
+        self._timer = None
+        if not self._done:
+            log.info("TLS handshake from %s not done within %.1fs; closing", self.peer_text(),
+                     self._timeout)
+            self._fail()
+
+    def _fail(self) -> None:
+        self._flush()  # an alert, if OpenSSL wrote one
+        self._closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def _flush(self) -> None:
+        if self._out.pending and self.transport is not None:
+            self.transport.write(self._out.read())
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self._in.write(data)
+        sslobj = self._ssl
+        if not self._done:
+            try:
+                sslobj.do_handshake()
+            except ssl.SSLWantReadError:
+                self._flush()
+                return
+            except (ssl.SSLError, ssl.CertificateError, OSError):
+                self._fail()  # _LoggedSSLObject wrote the log line
+                return
+            self._done = True
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._flush()
+            self._extra.update(ssl_object=sslobj, peercert=sslobj.getpeercert(),
+                               cipher=sslobj.cipher(), compression=sslobj.compression())
+            self._inner_made = True
+            self.inner.connection_made(self)  # type: ignore[arg-type]
+            if self._closing:
+                return  # the inner protocol refused the connection at once
+        chunks = []
+        eof = False
+        while True:
+            try:
+                chunk = sslobj.read(65536)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:  # close_notify
+                eof = True
+                break
+            except (ssl.SSLError, OSError) as err:
+                log.info("TLS error from %s: %s; closing", self.peer_text(), err)
+                self._fail()
+                return
+            if not chunk:
+                eof = True
+                break
+            chunks.append(chunk)
+        self._flush()  # e.g. a TLS 1.3 key update answer, or session tickets
+        if chunks and self._inner_made:
+            self.inner.data_received(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        if eof and self._inner_made and not self._closing:
+            if not self.inner.eof_received():
+                self.close()
+
+    def eof_received(self) -> bool | None:
+        if self._inner_made:
+            return self.inner.eof_received()
+        return None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closing or not self._done:
+            return
+        try:
+            self._ssl.write(data)
+        except (ssl.SSLError, OSError) as err:
+            log.info("TLS error writing to %s: %s; closing", self.peer_text(), err)
+            self._fail()
+            return
+        self._flush()
+
+    def close(self) -> None:
+        if self._done and not self._closing:
+            try:
+                self._ssl.unwrap()  # queues our close_notify
+            except (ssl.SSLError, OSError):
+                pass
+            self._flush()
+        super().close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        super().connection_lost(exc)

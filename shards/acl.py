@@ -57,12 +57,15 @@ class Principal:
     Hashed by identity, so a decision cache keyed by it costs no tuple hashing.
     """
 
-    __slots__ = ("client_id", "username", "ip", "__weakref__")
+    __slots__ = ("client_id", "username", "ip", "rules", "__weakref__")
 
     def __init__(self, client_id: str, username: str | None, ip: IPAddress | None) -> None:
         self.client_id = client_id
         self.username = username
         self.ip = ip
+        # this connection's own rules (from a database ACL query at CONNECT), asked
+        # before the ACL file
+        self.rules: list[Rule] | None = None
 
     def __repr__(self) -> str:
         return f"Principal({self.client_id!r}, {self.username!r}, {self.ip})"
@@ -220,20 +223,47 @@ class Acl:
 
     def check(self, who: Principal, action: int, topic: str) -> bool:
         """Whether ``who`` may ``action`` (PUBLISH a topic name / SUBSCRIBE a filter)."""
-        levels = topic.split("/")
-        for rule in self.rules:
-            if not rule.actions & action or not rule.applies_to(who):
+        verdict = first_match(self.rules, who, action, topic)
+        return self.no_match_allows if verdict is None else verdict
+
+
+def first_match(rules: list[Rule], who: Principal, action: int, topic: str) -> bool | None:
+    """The verdict of the first rule that applies, None if none does."""
+    levels = topic.split("/")
+    for rule in rules:
+        if not rule.actions & action or not rule.applies_to(who):
+            continue
+        for t in rule.topics:
+            expanded = _expand(t, who)
+            if expanded is None:
                 continue
-            for t in rule.topics:
-                expanded = _expand(t, who)
-                if expanded is None:
-                    continue
-                if t.eq:
-                    hit = "/".join(expanded) == topic
-                elif action == PUBLISH:
-                    hit = _topic_matches(expanded, levels)
-                else:
-                    hit = _covers(expanded, levels)
-                if hit:
-                    return rule.allow
-        return self.no_match_allows
+            if t.eq:
+                hit = "/".join(expanded) == topic
+            elif action == PUBLISH:
+                hit = _topic_matches(expanded, levels)
+            else:
+                hit = _covers(expanded, levels)
+            if hit:
+                return rule.allow
+    return None
+
+
+def rules_from_rows(rows: list[tuple[str, str, str]]) -> tuple[list[Rule], list[str]]:
+    """Rules from database rows (permission, action, topic), in the order given, each
+    applying to the connection it was fetched for (so no user/client/ip condition).
+    A topic may start ``eq `` (EMQX's form) or ``eq:``. Returns the rules and a note per
+    row that was skipped."""
+    rules: list[Rule] = []
+    bad: list[str] = []
+    for i, (permission, action, topic) in enumerate(rows, 1):
+        permission = str(permission).strip().lower()
+        action = str(action).strip().lower()
+        topic = str(topic).strip()
+        if topic.startswith("eq "):
+            topic = "eq:" + topic[3:].lstrip()
+        if permission not in ("allow", "deny") or action not in _ACTIONS or topic in ("", "eq:"):
+            bad.append(f"row {i}: {permission!r} {action!r} {topic!r}")
+            continue
+        rules.append(Rule(permission == "allow", _ACTIONS[action], (), (), (),
+                          (_parse_topic(topic, i),), i))
+    return rules, bad

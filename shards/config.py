@@ -117,14 +117,38 @@ def _backlog_key() -> Any:
         lo=1, hi=_UINT16)
 
 
-def _proxy_key() -> Any:
+def _proxy_key(tls: bool = False) -> Any:
+    extra = (""" The header comes before the TLS handshake (HAProxy passing TLS through in TCP
+        mode); TLS then runs in a Python layer over memory buffers rather than in the loop,
+        which costs some CPU per record.""" if tls else "")
     return _key(
         False,
         """Expect a PROXY protocol header (v1 text or v2 binary, as HAProxy's send-proxy and
         send-proxy-v2 write) at the start of every connection, and take the client's address
         from it. Off by default: with it on, a connection without the header is closed, and
         anyone who reaches the port directly could claim any address, so turn it on only
-        where the balancer is the sole way in.""")
+        where the balancer is the sole way in.""" + extra)
+
+
+def _listener_auth_key() -> Any:
+    return _key(
+        "",
+        """The authentication backends this listener asks, comma-separated, in order (e.g.
+        "jwt" on a listener for devices with tokens, "builtin" on one for people): each must
+        also be named in auth.backends, where it is configured. Empty by default: the
+        listener uses the whole auth.backends chain. (A comma-separated string like
+        auth.backends, not a TOML array.)""",
+        zero="(empty) the global auth.backends chain")
+
+
+def _listener_anonymous_key() -> Any:
+    return _key(
+        "inherit",
+        """Whether clients without credentials may connect on this listener: allow, deny, or
+        inherit mqtt.allow_anonymous (the default, so one switch governs every listener
+        until one needs to differ, e.g. anonymous on a loopback TCP listener but not on the
+        public TLS one).""",
+        choices=("inherit", "allow", "deny"))
 
 
 def _certfile_key() -> Any:
@@ -266,6 +290,8 @@ class TcpListenerConfig:
     backlog: int = _backlog_key()
     max_connections: int = _max_conn_key()
     max_connection_rate: float = _conn_rate_key()
+    auth: str = _listener_auth_key()
+    anonymous: str = _listener_anonymous_key()
     proxy_protocol: bool = _proxy_key()
 
     def __post_init__(self) -> None:
@@ -290,12 +316,15 @@ class TlsListenerConfig:
     backlog: int = _backlog_key()
     max_connections: int = _max_conn_key()
     max_connection_rate: float = _conn_rate_key()
+    auth: str = _listener_auth_key()
+    anonymous: str = _listener_anonymous_key()
     certfile: str = _certfile_key()
     keyfile: str = _keyfile_key()
     cafile: str = _cafile_key()
     verify_client: str = _verify_client_key()
     peer_cert_as_username: str = _peer_cert_key()
     min_version: str = _min_version_key()
+    proxy_protocol: bool = _proxy_key(tls=True)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -319,6 +348,8 @@ class WsListenerConfig:
     backlog: int = _backlog_key()
     max_connections: int = _max_conn_key()
     max_connection_rate: float = _conn_rate_key()
+    auth: str = _listener_auth_key()
+    anonymous: str = _listener_anonymous_key()
     path: str = _ws_path_key()
     max_frame_size: int = _max_frame_key()
     proxy_protocol: bool = _proxy_key()
@@ -344,6 +375,8 @@ class WssListenerConfig:
     backlog: int = _backlog_key()
     max_connections: int = _max_conn_key()
     max_connection_rate: float = _conn_rate_key()
+    auth: str = _listener_auth_key()
+    anonymous: str = _listener_anonymous_key()
     path: str = _ws_path_key()
     max_frame_size: int = _max_frame_key()
     certfile: str = _certfile_key()
@@ -352,6 +385,7 @@ class WssListenerConfig:
     verify_client: str = _verify_client_key()
     peer_cert_as_username: str = _peer_cert_key()
     min_version: str = _min_version_key()
+    proxy_protocol: bool = _proxy_key(tls=True)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -379,6 +413,8 @@ class QuicListenerConfig:
         emqtt-bench --quic) find shoal where they find EMQX.""")
     max_connections: int = _max_conn_key()
     max_connection_rate: float = _conn_rate_key()
+    auth: str = _listener_auth_key()
+    anonymous: str = _listener_anonymous_key()
     certfile: str = _key(
         "",
         """PEM file with the server's certificate (and intermediates). Empty by default: a
@@ -617,7 +653,7 @@ class MQTTConfig:
                 key="mqtt.server_keep_alive")
 
 
-AUTH_BACKENDS = ("builtin", "http", "postgresql", "mysql")
+AUTH_BACKENDS = ("builtin", "http", "postgresql", "mysql", "jwt")
 
 
 @dataclass(frozen=True, slots=True)
@@ -630,8 +666,10 @@ class AuthConfig:
         sends a username. The first backend that knows the username decides; a username no
         backend knows is refused (CONNACK 0x86 Bad user name or password; MQTT 3.1.1: return
         code 4). Backends: builtin, the user store in runtime.data_dir managed with `shoal
-        user add|del|list` (it needs no server), http (see http_url), postgresql (see
-        pgsql_query) and mysql (MySQL or MariaDB, see mysql_query). Empty by default so that a broker started from a fresh checkout accepts
+        user add|del|list` (it needs no server; it also offers MQTT 5 enhanced authentication
+        with SCRAM-SHA-256 from the verifiers `shoal user add` stores), http (see http_url), postgresql (see
+        pgsql_query), mysql (MySQL or MariaDB, see mysql_query) and jwt (a signed JSON Web
+        Token in the password field, see jwt_secret). Empty by default so that a broker started from a fresh checkout accepts
         any client: usernames and passwords are then not checked while
         mqtt.allow_anonymous is true, and refused while it is false (nothing could verify
         them). Clients without a username are governed by mqtt.allow_anonymous either
@@ -712,6 +750,17 @@ class AuthConfig:
         a hash in shoal's format (`shoal user hash` prints one to insert). :username and
         :clientid are bound as parameters, never spliced into the text. No row: the next
         backend is asked. The default reads a table mqtt_user(username, password_hash).""")
+    pgsql_acl_query: str = _key(
+        "",
+        """Authorization rules from PostgreSQL: a query returning rows with columns
+        permission (allow/deny), action (publish/subscribe/all) and topic (a filter, with
+        %u/%c placeholders, or 'eq FILTER' for the filter itself), e.g. SELECT permission,
+        action, topic FROM mqtt_acl WHERE username = :username ORDER BY id. :username and
+        :clientid are bound as in pgsql_query. It runs once per CONNECT on the database
+        threads (never per PUBLISH); the rows, in the order returned, are asked before the
+        ACL file with the same first-match rules, and none matching falls through to the
+        file, then acl_no_match. A failing query is logged and counts as no rows.""",
+        zero="(empty) no rules from PostgreSQL")
     pgsql_workers: int = _key(
         2,
         """Database connections per shard, each on its own thread (the loop never waits on
@@ -744,10 +793,67 @@ class AuthConfig:
         """The query that finds a user's password hash, as pgsql_query: first column of the
         first row, in shoal's format; :username and :clientid are bound as parameters. The
         default reads a table mqtt_user(username, password_hash).""")
+    mysql_acl_query: str = _key(
+        "",
+        """Authorization rules from MySQL/MariaDB, as pgsql_acl_query: rows of permission,
+        action and topic fetched once per CONNECT, asked before the ACL file.""",
+        zero="(empty) no rules from MySQL")
     mysql_workers: int = _key(
         2,
         """Database connections per shard, each on its own thread, as pgsql_workers.""",
         lo=1, hi=64)
+    jwt_secret: str = _key(
+        "",
+        """The jwt backend's HS256 shared secret (prefer the SHOAL_AUTH__JWT_SECRET environment
+        variable to writing it in a file). Exactly one of jwt_secret, jwt_public_key_file and
+        jwt_jwks_file is set when backends names jwt; the key's kind fixes the algorithm
+        (a secret: HS256 only; a public key or JWKS: RS256 only), so a token cannot choose
+        'none' or sign with HS256 over the public key (algorithm confusion).""",
+        zero="(empty) no shared secret")
+    jwt_public_key_file: str = _key(
+        "",
+        """The jwt backend's RSA public key (PEM) for RS256 tokens, relative to
+        runtime.data_dir unless absolute; re-read when it changes (see reload_interval).""",
+        zero="(empty) no public key file")
+    jwt_jwks_file: str = _key(
+        "",
+        """A JSON Web Key Set file ({"keys": [...]}) of RSA public keys for RS256 tokens,
+        relative to runtime.data_dir unless absolute; a token's header kid picks the key (a
+        token without kid is accepted only when the set holds one key). Re-read when it
+        changes, so keys rotate without a restart.""",
+        zero="(empty) no JWKS file")
+    jwt_from: str = _key(
+        "password",
+        """Which CONNECT field carries the token: password, EMQX's default (the username then
+        stays the client's name for ACLs and logs), or username. A client that sends nothing
+        in that field, or something that is not a JWT, is passed to the next backend; a JWT
+        that fails verification is refused (0x86).""",
+        choices=("password", "username"))
+    jwt_leeway: float = _key(
+        5.0,
+        """Seconds of clock skew allowed when checking a token's exp and nbf claims. 5 s
+        covers hosts kept in step by NTP without extending a token's life noticeably.""",
+        lo=0.0, hi=3600.0, unit="seconds", zero="exp and nbf are checked exactly")
+    jwt_require_exp: bool = _key(
+        True,
+        """Refuse tokens without an exp claim. On by default: a token that never expires is a
+        password that cannot be changed.""")
+    jwt_issuer: str = _key(
+        "",
+        """When set, a token's iss claim must equal it.""",
+        zero="(empty) iss is not checked")
+    jwt_audience: str = _key(
+        "",
+        """When set, a token's aud claim must name it.""",
+        zero="(empty) aud is not checked (a token with an aud claim is still accepted)")
+    jwt_acl_claim: str = _key(
+        "acl",
+        """The token claim holding the client's ACL, as EMQX reads it: either
+        {"pub": [...], "sub": [...], "all": [...]} (topics allowed) or a list of
+        {"permission", "action", "topic"} rules. Its rules are asked first (before any
+        database rows and the ACL file), first match wins, none matching falls through;
+        %u/%c placeholders work. A token without the claim adds no rules.""",
+        zero="(empty) no claim is read")
     reload_interval: float = _key(
         1.0,
         """How often, at most, a shard checks whether the user, ACL and banned files changed
@@ -825,6 +931,14 @@ class AuthConfig:
         if "http" in self.backend_list() and not self.http_url:
             raise ConfigError("auth.http_url: must be set when auth.backends names http",
                               key="auth.http_url")
+        if "jwt" in self.backend_list():
+            keys = [k for k in ("jwt_secret", "jwt_public_key_file", "jwt_jwks_file")
+                    if getattr(self, k)]
+            if len(keys) != 1:
+                raise ConfigError("auth.jwt_secret: set exactly one of jwt_secret, "
+                                  "jwt_public_key_file and jwt_jwks_file when auth.backends "
+                                  f"names jwt (set: {', '.join(keys) or 'none'})",
+                                  key="auth.jwt_secret")
         if self.http_url and not self.http_url.startswith(("http://", "https://")):
             raise ConfigError(f"auth.http_url: {self.http_url!r} is not an http(s) URL",
                               key="auth.http_url")
@@ -950,6 +1064,21 @@ class Config:
 
     def __post_init__(self) -> None:
         _validate(self)
+        chain = self.auth.backend_list()
+        for f in fields(self.listeners):
+            table = getattr(self.listeners, f.name)
+            for name in listener_backends(table) or ():
+                if name not in chain:
+                    raise ConfigError(
+                        f"listeners.{f.name}.auth: backend {name!r} is not in auth.backends "
+                        f"({self.auth.backends or 'empty'}); configure it there first",
+                        key=f"listeners.{f.name}.auth")
+
+
+def listener_backends(table: Any) -> list[str] | None:
+    """A listener's own authentication chain, None when it uses auth.backends."""
+    names = [b.strip() for b in table.auth.split(",") if b.strip()]
+    return names or None
 
 
 # ---------------------------------------------------------------------------

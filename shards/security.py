@@ -28,10 +28,13 @@ import os
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from shards.acl import PUBLISH, SUBSCRIBE, Acl, AclError, IPAddress, Principal, parse_ip
+from shards.acl import (
+    PUBLISH, SUBSCRIBE, Acl, AclError, IPAddress, Principal, first_match, parse_ip, rules_from_rows,
+)
 from shards.config import AuthConfig
 from shards.protocol.errors import Reason
-from shards.users import UserFileError, WatchedFile, parse_users, verify_password
+from shards.scram import Verifier, decoy
+from shards.users import UserFileError, WatchedFile, parse_store, verify_password
 
 __all__ = ["AuthRequest", "Authenticator", "BuiltinAuthenticator", "Chain", "Banned", "Flapping",
            "Security", "PUBLISH", "SUBSCRIBE", "Principal", "run_inline", "peer_ip"]
@@ -57,14 +60,29 @@ def peer_ip(peer: str) -> IPAddress | None:
 
 
 class AuthRequest:
-    __slots__ = ("client_id", "username", "password", "ip")
+    __slots__ = ("client_id", "username", "password", "ip", "listener", "acl_rows")
 
     def __init__(self, client_id: str, username: str | None, password: bytes | None,
-                 ip: IPAddress | None) -> None:
+                 ip: IPAddress | None, listener: str | None = None) -> None:
         self.client_id = client_id
         self.username = username
         self.password = password
         self.ip = ip
+        self.listener = listener  # which listener's policy applies (None: the global one)
+        # out: ACL rows (permission, action, topic) the accepting backend returned
+        self.acl_rows: list[tuple[str, str, str]] | None = None
+
+
+class _Policy:
+    """What one listener asks of a client: its chain and whether anonymous is allowed."""
+
+    __slots__ = ("chain", "allow_anonymous", "jwt", "scram")
+
+    def __init__(self, chain: Chain | None, allow_anonymous: bool, jwt: bool, scram: bool) -> None:
+        self.chain = chain
+        self.allow_anonymous = allow_anonymous
+        self.jwt = jwt  # a password alone (a token) reaches the chain
+        self.scram = scram  # SCRAM-SHA-256 is offered (the built-in store is in the chain)
 
 
 class Authenticator(Protocol):
@@ -77,6 +95,7 @@ class BuiltinAuthenticator:
 
     def __init__(self, cache_size: int, offload: Offload = run_inline) -> None:
         self.users: dict[str, str] = {}
+        self.scram: dict[str, str] = {}  # SCRAM-SHA-256 verifiers, text form
         self.cache_size = cache_size
         self.offload = offload
         # (username, keyed digest of the password) -> the stored hash it verified against
@@ -265,15 +284,15 @@ class PostgresLookup:
             kwargs["host"], kwargs["port"] = cfg.pgsql_host, cfg.pgsql_port
         return pg8000.native.Connection(**kwargs)
 
-    def __call__(self, username: str, client_id: str) -> str | None:
+    def _run(self, query: str, username: str | None, client_id: str) -> tuple[list[Any], list[str]]:
         con = getattr(self._local, "con", None)
         if con is None:
             con = self._local.con = self._connect()
-        query = self.cfg.pgsql_query
         params = {k: v for k, v in (("username", username), ("clientid", client_id))
                   if f":{k}" in query}
         try:
             rows = con.run(query, **params)
+            names = [c["name"] for c in (con.columns or [])]
         except Exception:
             self._local.con = None
             try:
@@ -281,7 +300,15 @@ class PostgresLookup:
             except Exception:
                 pass
             raise
+        return rows or [], names
+
+    def __call__(self, username: str, client_id: str) -> str | None:
+        rows, _ = self._run(self.cfg.pgsql_query, username, client_id)
         return str(rows[0][0]) if rows else None
+
+    def rules(self, username: str | None, client_id: str) -> list[tuple[str, str, str]]:
+        rows, names = self._run(self.cfg.pgsql_acl_query, username, client_id)
+        return _acl_rows(rows, names)
 
 
 class MysqlLookup:
@@ -293,11 +320,16 @@ class MysqlLookup:
         import threading
         self.cfg = cfg
         self._local = threading.local()
-        query = cfg.mysql_query.replace("%", "%%")
-        self.names = [k for k in ("username", "clientid") if f":{k}" in query]
-        for k in self.names:
+        self.query, self.names = self._translate(cfg.mysql_query)
+        self.acl_query, self.acl_names = self._translate(cfg.mysql_acl_query)
+
+    @staticmethod
+    def _translate(query: str) -> tuple[str, list[str]]:
+        query = query.replace("%", "%%")
+        names = [k for k in ("username", "clientid") if f":{k}" in query]
+        for k in names:
             query = query.replace(f":{k}", f"%({k})s")
-        self.query = query
+        return query, names
 
     def _connect(self) -> Any:
         import pymysql  # type: ignore[import-untyped]
@@ -312,15 +344,17 @@ class MysqlLookup:
             kwargs["host"], kwargs["port"] = cfg.mysql_host, cfg.mysql_port
         return pymysql.connect(**kwargs)
 
-    def __call__(self, username: str, client_id: str) -> str | None:
+    def _run(self, query: str, names: list[str], username: str | None, client_id: str,
+             one: bool) -> tuple[list[Any], list[str]]:
         con = getattr(self._local, "con", None)
         if con is None:
             con = self._local.con = self._connect()
         values = {"username": username, "clientid": client_id}
         try:
             with con.cursor() as cur:
-                cur.execute(self.query, {k: values[k] for k in self.names})
-                row = cur.fetchone()
+                cur.execute(query, {k: values[k] for k in names})
+                rows = [cur.fetchone()] if one else list(cur.fetchall())
+                columns = [d[0] for d in (cur.description or ())]
         except Exception:
             self._local.con = None
             try:
@@ -328,7 +362,32 @@ class MysqlLookup:
             except Exception:
                 pass
             raise
-        return None if row is None else str(row[0])
+        return [r for r in rows if r is not None], columns
+
+    def __call__(self, username: str, client_id: str) -> str | None:
+        rows, _ = self._run(self.query, self.names, username, client_id, True)
+        return str(rows[0][0]) if rows else None
+
+    def rules(self, username: str | None, client_id: str) -> list[tuple[str, str, str]]:
+        rows, columns = self._run(self.acl_query, self.acl_names, username, client_id, False)
+        return _acl_rows(rows, columns)
+
+
+def _acl_rows(rows: list[Any], columns: list[str]) -> list[tuple[str, str, str]]:
+    """(permission, action, topic) from an ACL query's rows: by column name when the
+    query names them so (EMQX's queries select action, permission, topic), else by
+    position."""
+    lower = [str(c).lower() for c in columns]
+    try:
+        at = [lower.index("permission"), lower.index("action"), lower.index("topic")]
+    except ValueError:
+        at = [0, 1, 2]
+    out = []
+    for row in rows:
+        if len(row) < 3:
+            raise ValueError("an ACL query must return permission, action and topic")
+        out.append((row[at[0]], row[at[1]], row[at[2]]))
+    return out
 
 
 class Chain:
@@ -499,31 +558,83 @@ class Security:
 
     def __init__(self, cfg: AuthConfig | None = None, allow_anonymous: bool = True,
                  data_dir: str = ".", offload: Offload = run_inline,
-                 io_offload: Offload | None = None) -> None:
+                 io_offload: Offload | None = None, listeners: Any = None) -> None:
         cfg = cfg if cfg is not None else AuthConfig()
         self.cfg = cfg
         self.allow_anonymous = allow_anonymous
         names = cfg.backend_list()
+        self.io_offload = io_offload or offload
+        # one lookup object per database, shared by authentication and the ACL query, so
+        # each I/O thread keeps one connection to it
+        lookups: dict[str, Any] = {}
+
+        def pg_lookup() -> PostgresLookup:
+            if "pg" not in lookups:
+                lookups["pg"] = PostgresLookup(cfg)
+            return lookups["pg"]  # type: ignore[no-any-return]
+
+        def my_lookup() -> MysqlLookup:
+            if "my" not in lookups:
+                lookups["my"] = MysqlLookup(cfg)
+            return lookups["my"]  # type: ignore[no-any-return]
+
         self.builtin: BuiltinAuthenticator | None = None
-        backends: list[Authenticator] = []
+        self.jwt: Any = None  # a JwtAuthenticator when the chain has one
+        by_name: dict[str, Authenticator] = {}
         for name in names:
             if name == "builtin":
                 self.builtin = BuiltinAuthenticator(cfg.credential_cache_size, offload)
-                backends.append(self.builtin)
+                by_name[name] = self.builtin
             elif name == "postgresql":
-                backends.append(StoredHashAuthenticator(
-                    "postgresql", PostgresLookup(cfg), cfg.credential_cache_size, offload,
+                by_name[name] = (StoredHashAuthenticator(
+                    "postgresql", pg_lookup(), cfg.credential_cache_size, offload,
                     io_offload or offload))
             elif name == "mysql":
-                backends.append(StoredHashAuthenticator(
-                    "mysql", MysqlLookup(cfg), cfg.credential_cache_size, offload,
+                by_name[name] = (StoredHashAuthenticator(
+                    "mysql", my_lookup(), cfg.credential_cache_size, offload,
                     io_offload or offload))
+            elif name == "jwt":
+                from shards.jwtauth import JwtAuthenticator  # PyJWT only when configured
+                key_file = cfg.jwt_public_key_file or cfg.jwt_jwks_file
+                self.jwt = JwtAuthenticator(
+                    cfg, _resolve(data_dir, key_file) if key_file else None)
+                by_name[name] = self.jwt
             elif name == "http":
-                backends.append(HttpAuthenticator(cfg.http_url, cfg.http_timeout,
+                by_name[name] = (HttpAuthenticator(cfg.http_url, cfg.http_timeout,
                                                   cfg.credential_cache_size, cfg.http_cache_ttl,
                                                   io_offload or offload))
-        self.chain: Chain | None = Chain(backends) if backends else None
-        # None: no ACL configured, and the publish path skips authorization entirely
+        self.chain: Chain | None = Chain([by_name[n] for n in names]) if names else None
+        self._default = _Policy(self.chain, allow_anonymous, "jwt" in names, "builtin" in names)
+        # listeners with a chain or an anonymous rule of their own (see [listeners.*])
+        self._policies: dict[str, _Policy] = {}
+        if listeners is not None:
+            from dataclasses import fields
+
+            from shards.config import listener_backends
+            for f in fields(listeners):
+                table = getattr(listeners, f.name)
+                own = listener_backends(table)
+                mode = table.anonymous
+                if own is None and mode == "inherit":
+                    continue
+                chain_names = names if own is None else own
+                unknown = [n for n in chain_names if n not in by_name]
+                if unknown:  # Config refuses this; a hand-built one gets told too
+                    raise ValueError(f"listeners.{f.name}.auth names {unknown} outside auth.backends")
+                self._policies[f.name] = _Policy(
+                    Chain([by_name[n] for n in chain_names]) if chain_names else None,
+                    allow_anonymous if mode == "inherit" else mode == "allow",
+                    "jwt" in chain_names, "builtin" in chain_names)
+        # per-connection rules from the databases, fetched once per CONNECT
+        self.acl_sources: list[tuple[str, Callable[[str | None, str], list[tuple[str, str, str]]]]] = []
+        if cfg.pgsql_acl_query:
+            self.acl_sources.append(("postgresql", pg_lookup().rules))
+        if cfg.mysql_acl_query:
+            self.acl_sources.append(("mysql", my_lookup().rules))
+        # False: no ACL file, no ACL query and no JWT acl claim read, and the publish path
+        # skips authorization
+        self._claims_rules = "jwt" in names and bool(cfg.jwt_acl_claim)
+        self.authorizing = bool(cfg.acl_file or self.acl_sources or self._claims_rules)
         self.acl: Acl | None = None
         self._acl_cache: dict[tuple[Principal, int, str], bool] = {}
         self.banned = Banned()
@@ -537,6 +648,7 @@ class Security:
         self._acl_file = (WatchedFile(_resolve(data_dir, cfg.acl_file), interval)
                           if cfg.acl_file else None)
         self._banned_file = WatchedFile(_resolve(data_dir, cfg.banned_file), interval)
+        self._scram_key = os.urandom(32)  # until a user file is read
 
     # -- files ----------------------------------------------------------------------------
 
@@ -552,6 +664,8 @@ class Security:
             except OSError as err:
                 raise AclError(f"cannot read the ACL file {path}: {err}") from None
             self.set_acl(Acl.from_text(text, self.cfg.acl_no_match == "allow"))
+        if self.jwt is not None:
+            self.jwt.load(now)  # JwtKeyError: no start without the keys asked for
         self._reload_users(now, force=True)
         self._reload_banned(now, wall, force=True)
 
@@ -568,6 +682,8 @@ class Security:
             else:
                 self.set_acl(acl)
                 log.info("ACL reloaded from %s: %d rules", path, len(acl.rules))
+        if self.jwt is not None:
+            self.jwt.refresh(now)
         self._reload_users(now)
         self._reload_banned(now, wall)
         if self.flapping is not None:
@@ -579,13 +695,17 @@ class Security:
             return
         try:
             with open(watched.path, encoding="utf-8") as fh:
-                users = parse_users(fh.read())
+                users, scram = parse_store(fh.read())
         except FileNotFoundError:
-            users = {}
+            users, scram = {}, {}
         except (OSError, UserFileError) as err:
             log.error("user file %s not reloaded, the previous users stay: %s", watched.path, err)
             return
         self.builtin.set_users(users)
+        self.builtin.scram = scram
+        # the key of the decoys for unknown SCRAM users: the same on every shard (so a
+        # client cannot compare two shards' answers) and secret as the hashes are
+        self._scram_key = hashlib.sha256("\n".join(sorted(users.values())).encode()).digest()
         log.info("user store %s: %d users", watched.path, len(users))
 
     def _reload_banned(self, now: float, wall: float, force: bool = False) -> None:
@@ -606,6 +726,7 @@ class Security:
 
     def set_acl(self, acl: Acl | None) -> None:
         self.acl = acl
+        self.authorizing = acl is not None or bool(self.acl_sources) or self._claims_rules
         self._acl_cache.clear()
 
     # -- CONNECT --------------------------------------------------------------------------
@@ -618,15 +739,39 @@ class Security:
             return self.banned.why(client_id, username, ip, now)
         return None
 
+    def _policy(self, listener: str | None) -> _Policy:
+        return self._policies.get(listener, self._default) if listener else self._default
+
     def authenticate(self, request: AuthRequest, then: Done, now: float) -> None:
-        """``then(reason, now)``: 0 to accept, else the CONNACK reason code."""
-        if request.username is None:
-            then(Reason.SUCCESS if self.allow_anonymous else Reason.NOT_AUTHORIZED, now)
-        elif self.chain is None:
+        """``then(reason, now)``: 0 to accept, else the CONNACK reason code. The policy is
+        the request's listener's, else the global one."""
+        policy = self._policy(request.listener)
+        if request.username is None and (request.password is None or not policy.jwt):
+            # (an MQTT 5 client may send a password alone: a token for the jwt backend)
+            then(Reason.SUCCESS if policy.allow_anonymous else Reason.NOT_AUTHORIZED, now)
+        elif policy.chain is None:
             # nothing can check a username: accepted unchecked only while anonymous is
-            then(Reason.SUCCESS if self.allow_anonymous else Reason.BAD_USER_NAME_OR_PASSWORD, now)
+            then(Reason.SUCCESS if policy.allow_anonymous else Reason.BAD_USER_NAME_OR_PASSWORD,
+                 now)
         else:
-            self.chain.check(request, then, now)  # type: ignore[arg-type]
+            policy.chain.check(request, then, now)  # type: ignore[arg-type]
+
+    def scram_offered(self, listener: str | None = None) -> bool:
+        """SCRAM-SHA-256 enhanced authentication is offered where the built-in store, which
+        keeps the verifiers (``shoal user add`` writes them), is in the listener's chain."""
+        return self.builtin is not None and self._policy(listener).scram
+
+    def scram_verifier(self, username: str) -> Verifier:
+        """The user's verifier, or a decoy that no proof matches (unknown user, or a user
+        added before verifiers were kept): the exchange then fails only at its end."""
+        builtin = self.builtin
+        text = builtin.scram.get(username) if builtin is not None else None
+        if text is not None:
+            try:
+                return Verifier.decode(text)
+            except ValueError as err:
+                log.warning("SCRAM verifier of %r unusable: %s", username, err)
+        return decoy(username, self._scram_key)
 
     def disconnected(self, client_id: str, now: float) -> None:
         flapping = self.flapping
@@ -636,15 +781,59 @@ class Security:
 
     # -- authorization ----------------------------------------------------------------------
 
+    def fetch_rules(self, who: Principal, then: Callable[[float], None], now: float) -> None:
+        """Fetch ``who``'s rules from the ACL queries (on an I/O thread) into who.rules,
+        then ``then(now)``; at once when no query is configured."""
+        sources = self.acl_sources
+        if not sources:
+            then(now)
+            return
+
+        def fetch() -> tuple[list[tuple[str, str, str]], list[str]]:
+            rows: list[tuple[str, str, str]] = []
+            failures = []
+            for name, query in sources:
+                try:
+                    rows.extend(query(who.username, who.client_id))
+                except Exception as err:  # a driver's errors have no common base worth naming
+                    failures.append(f"{name}: {err}")
+            return rows, failures
+
+        def fetched(result: tuple[list[tuple[str, str, str]], list[str]], later: float) -> None:
+            rows, failures = result
+            for failure in failures:
+                log.warning("ACL query for %r failed, counted as no rows: %s", who.client_id,
+                            failure)
+            self.set_rules(who, rows)
+            then(later)
+
+        self.io_offload(fetch, fetched, now)
+
+    def set_rules(self, who: Principal, rows: list[tuple[str, str, str]]) -> None:
+        """Add rules from rows to ``who``'s own, after those it has (a JWT's claim first,
+        then the databases')."""
+        rules, bad = rules_from_rows(rows)
+        if bad:
+            log.warning("ACL rows for %r ignored: %s", who.client_id, "; ".join(bad[:5]))
+        if rules:
+            who.rules = (who.rules or []) + rules
+
     def allowed(self, who: Principal, action: int, topic: str) -> bool:
-        """Whether ``who`` may publish to / subscribe to ``topic``; only call with an ACL."""
+        """Whether ``who`` may publish to / subscribe to ``topic``; only call while
+        ``authorizing``. The connection's own rules first, then the ACL file."""
         key = (who, action, topic)
         cache = self._acl_cache
         hit = cache.get(key)
         if hit is not None:
             return hit
         acl = self.acl
-        ok = True if acl is None else acl.check(who, action, topic)
+        verdict = first_match(who.rules, who, action, topic) if who.rules else None
+        if verdict is not None:
+            ok = verdict
+        elif acl is not None:
+            ok = acl.check(who, action, topic)
+        else:
+            ok = self.cfg.acl_no_match == "allow"
         size = self.cfg.acl_cache_size
         if size:
             if len(cache) >= size:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import base64
 import os
 import time
 from collections.abc import Callable
@@ -26,12 +27,14 @@ from shards.protocol.errors import ProtocolError, Reason
 from shards.protocol.connection import CLOSED, CONNECTING
 from shards.protocol.packets import (
     AUTH, DISCONNECT, MQTT_5, MQTT_31, PINGREQ, PUBACK, PUBCOMP, PUBLISH, PUBREC, PUBREL,
-    SUBSCRIBE, UNSUBSCRIBE, Connack, Connect, Disconnect, Packet, Pingresp, Prop, Properties,
+    SUBSCRIBE, UNSUBSCRIBE, Auth, Connack, Connect, Disconnect, Packet, Pingresp, Prop, Properties,
     Puback, Pubcomp, Publish, Pubrec, Pubrel, SubOptions, Suback, Subscribe, Unsuback,
     Unsubscribe,
 )
 from shards.protocol.topics import parse_shared, validate_topic_filter, validate_topic_name
 from shards.retain import RetainedStore
+from shards.scram import METHOD as SCRAM_METHOD
+from shards.scram import ScramError, ScramServer
 from shards.security import PUBLISH as ACL_PUBLISH
 from shards.security import SUBSCRIBE as ACL_SUBSCRIBE
 from shards.security import AuthRequest, Principal, Security, peer_ip
@@ -104,10 +107,12 @@ class Shard:
             link.conn.send(Pingresp())
             link.wake()
         elif ptype == DISCONNECT:
+            if link.session is None:  # a client that gave up during enhanced authentication
+                self.end_link(link, now)
+                return
             self._disconnect(link, packet, now)  # type: ignore[arg-type]
         elif ptype == AUTH:
-            # Enhanced authentication is not offered, so a client may not send AUTH [MQTT-4.12.0-1]
-            raise ProtocolError(Reason.PROTOCOL_ERROR, "AUTH without an authentication method")
+            self._auth(link, packet, now)  # type: ignore[arg-type]
         else:
             self.connect(link, packet, now)  # type: ignore[arg-type]
 
@@ -117,7 +122,9 @@ class Shard:
         conn = link.conn
         if p.username is None:  # mTLS: the verified certificate's name (worker's peer_username)
             p.username = link.peer_username
-        refusal = self._check_connect(p)
+        # the listener it came in on may have its own authentication (see [listeners.*])
+        listener: str | None = getattr(link, "listener", None)
+        refusal = self._check_connect(p, listener)
         if refusal is not None:
             reason, why = refusal
             log.info("refused CONNECT from %s (%r): %s", link.peer, p.client_id, why)
@@ -136,6 +143,9 @@ class Shard:
             conn.refuse(Reason.BANNED, why)
             link.close()
             return
+        if Prop.AUTHENTICATION_METHOD in p.props:  # _check_connect let only SCRAM through
+            self._scram_start(link, p, client_id, assigned, now)
+            return
         principal = Principal(client_id, p.username, ip)
 
         def authenticated(reason: int | None, later: float) -> None:
@@ -150,11 +160,136 @@ class Shard:
                 link.close()
                 link.wake()
                 return
-            self._claim(link, p, client_id, assigned, principal, later)
+            if request.acl_rows is not None:  # rules a backend returned (a JWT's acl claim)
+                sec.set_rules(principal, request.acl_rows)
+            sec.fetch_rules(principal, lambda t: self._authorized(link, p, client_id, assigned,
+                                                                  principal, t), later)
 
         # the answer may come later (a hash on a thread, a remote backend): the
         # connection stays CONNECTING, and what the client sends meanwhile stays buffered
-        sec.authenticate(AuthRequest(client_id, p.username, p.password, ip), authenticated, now)
+        request = AuthRequest(client_id, p.username, p.password, ip, listener)
+        sec.authenticate(request, authenticated, now)
+
+    # -- enhanced authentication (MQTT 5 AUTH, SCRAM-SHA-256) ------------------------------
+
+    def _scram_start(self, link: Link, p: Connect, client_id: str, assigned: str | None,
+                     now: float) -> None:
+        """CONNECT carried the client-first message: answer AUTH 0x18 with server-first.
+        The verifier comes from the built-in store in memory, so no thread is needed."""
+        conn = link.conn
+        server = ScramServer(base64.b64encode(os.urandom(18)).decode("ascii"))
+        try:
+            name = server.client_first(p.props.get(Prop.AUTHENTICATION_DATA, b""))
+        except ScramError as err:
+            self._refuse_auth(link, client_id, p.username, err)
+            return
+        # a user name in CONNECT must be the one proved (a certificate's name, which
+        # connect() put there when CONNECT had none, does not count)
+        if p.username is not None and p.username != name and p.username != link.peer_username:
+            self._refuse_auth(link, client_id, p.username, "SCRAM user differs from user name")
+            return
+        p.username = name  # who the client proves to be, for bans, ACLs and logs
+        why = self.security.banned_why(client_id, name, peer_ip(link.peer), now)
+        if why is not None:
+            log.info("refused CONNECT from %s (%r): %s", link.peer, client_id, why)
+            conn.refuse(Reason.BANNED, why)
+            link.close()
+            return
+        conn.auth = _Scram(server, p, client_id, assigned)
+        conn.challenge(server.server_first(self.security.scram_verifier(name)))
+        link.wake()
+
+    def _auth(self, link: Link, packet: Auth, now: float) -> None:
+        conn = link.conn
+        exchange = conn.auth
+        if link.session is not None:
+            self._reauth(link, packet, now)
+            return
+        if not isinstance(exchange, _Scram) or exchange.final is not None:
+            # [MQTT-4.12.0-1]: no AUTH unless the CONNECT named a method
+            raise ProtocolError(Reason.PROTOCOL_ERROR, "AUTH without an authentication method")
+        p = exchange.connect
+        assert p is not None
+        try:
+            exchange.final = exchange.server.client_final(
+                packet.props.get(Prop.AUTHENTICATION_DATA, b""))
+        except ScramError as err:
+            self._refuse_auth(link, exchange.client_id, p.username, err)
+            return
+        principal = Principal(exchange.client_id, p.username, peer_ip(link.peer))
+        self.security.fetch_rules(principal, lambda t: self._authorized(
+            link, p, exchange.client_id, exchange.assigned, principal, t), now)
+
+    def _reauth(self, link: Link, packet: Auth, now: float) -> None:
+        """Re-authentication after CONNACK [MQTT-4.12.1]: AUTH 0x19 with a new client-first,
+        our AUTH 0x18, the client's AUTH 0x18, then AUTH 0x00 with server-final. Packets keep
+        flowing meanwhile. The user must stay the same (the session's ACL identity is fixed
+        at CONNECT); a failure closes the connection with DISCONNECT 0x87."""
+        conn = link.conn
+        session = link.session
+        assert session is not None
+        method = conn.auth_method
+        if method is None:
+            raise ProtocolError(Reason.PROTOCOL_ERROR, "AUTH without an authentication method")
+        if packet.props.get(Prop.AUTHENTICATION_METHOD) != method:  # [MQTT-4.12.1-1]
+            raise ProtocolError(Reason.PROTOCOL_ERROR, "AUTH with another authentication method")
+        data = packet.props.get(Prop.AUTHENTICATION_DATA, b"")
+        exchange = conn.auth
+        code = packet.reason_code
+        username = session.principal.username if session.principal is not None else None
+        if code == Reason.RE_AUTHENTICATE:
+            if isinstance(exchange, _Scram) and exchange.final is None:
+                raise ProtocolError(Reason.PROTOCOL_ERROR, "re-authentication already under way")
+            server = ScramServer(base64.b64encode(os.urandom(18)).decode("ascii"))
+            try:
+                name = server.client_first(data)
+                if name != username:
+                    raise ScramError("re-authentication as another user")
+            except ScramError as err:
+                self._reauth_failed(link, err, now)
+                return
+            conn.auth = _Scram(server, None, session.client_id, None)
+            conn.send(Auth(Reason.CONTINUE_AUTHENTICATION, {
+                Prop.AUTHENTICATION_METHOD: method,
+                Prop.AUTHENTICATION_DATA: server.server_first(self.security.scram_verifier(name))}))
+            link.wake()
+        elif code == Reason.CONTINUE_AUTHENTICATION:
+            if not isinstance(exchange, _Scram) or exchange.final is not None:
+                raise ProtocolError(Reason.PROTOCOL_ERROR, "AUTH 0x18 without an exchange")
+            try:
+                exchange.final = exchange.server.client_final(data)
+            except ScramError as err:
+                self._reauth_failed(link, err, now)
+                return
+            conn.send(Auth(Reason.SUCCESS, {Prop.AUTHENTICATION_METHOD: method,
+                                            Prop.AUTHENTICATION_DATA: exchange.final}))
+            link.wake()
+        else:
+            raise ProtocolError(Reason.PROTOCOL_ERROR, "a client AUTH must be 0x18 or 0x19")
+
+    def _reauth_failed(self, link: Link, why: object, now: float) -> None:
+        log.info("re-authentication of %s (%r) failed: %s", link.peer, link.conn.client_id, why)
+        link.conn.disconnect(Reason.NOT_AUTHORIZED,
+                             {Prop.REASON_STRING: "re-authentication failed"}
+                             if link.conn.problem_info else None)
+        link.wake()
+        self.end_link(link, now)
+
+    def _refuse_auth(self, link: Link, client_id: str, username: str | None,
+                     why: object) -> None:
+        log.info("refused CONNECT from %s (%r, user %r): SCRAM-SHA-256: %s", link.peer,
+                 client_id, username, why)
+        # the client is not told which step failed (a user that does not exist looks the
+        # same as a wrong password)
+        link.conn.refuse(Reason.BAD_USER_NAME_OR_PASSWORD, "authentication failed")
+        link.close()
+        link.wake()
+
+    def _authorized(self, link: Link, p: Connect, client_id: str, assigned: str | None,
+                    principal: Principal, now: float) -> None:
+        if link.conn.state != CONNECTING:
+            return  # the client left while its ACL rows were fetched: nothing claimed yet
+        self._claim(link, p, client_id, assigned, principal, now)
 
     def _claim(self, link: Link, p: Connect, client_id: str, assigned: str | None,
                principal: Principal, now: float) -> None:
@@ -233,6 +368,11 @@ class Shard:
         props: Properties = {}
         if v5:
             props = self._connack_props(p, expiry, keepalive, assigned, client_id)
+            exchange = conn.auth
+            if exchange is not None:  # the server-final message proves us to the client
+                props[Prop.AUTHENTICATION_METHOD] = conn.auth_method
+                props[Prop.AUTHENTICATION_DATA] = exchange.final
+                exchange.connect = None  # the CONNECT (and its will) is not kept past here
         conn.accept(Connack(session_present, Reason.SUCCESS, props), keepalive)
         self.connected += 1
         self.max_connected = max(self.max_connected, self.connected)
@@ -252,7 +392,7 @@ class Shard:
         for handover in self._connecting.pop(client_id, ()):
             handover(now)
 
-    def _check_connect(self, p: Connect) -> tuple[int, str] | None:
+    def _check_connect(self, p: Connect, listener: str | None = None) -> tuple[int, str] | None:
         cfg = self.cfg
         v5 = p.protocol_level == MQTT_5
         cid = p.client_id
@@ -266,8 +406,10 @@ class Shard:
                 return Reason.CLIENT_IDENTIFIER_NOT_VALID, "empty client identifiers are not allowed"
         elif len(cid) > cfg.max_client_id_length:
             return Reason.CLIENT_IDENTIFIER_NOT_VALID, "client identifier too long"
-        if Prop.AUTHENTICATION_METHOD in p.props:
-            return Reason.BAD_AUTHENTICATION_METHOD, "enhanced authentication is not supported"
+        method = p.props.get(Prop.AUTHENTICATION_METHOD)
+        if method is not None and (method != SCRAM_METHOD
+                                   or not self.security.scram_offered(listener)):
+            return Reason.BAD_AUTHENTICATION_METHOD, f"authentication method {method!r} is not offered"
         will = p.will
         if will is not None:
             try:
@@ -559,7 +701,7 @@ class Shard:
         if will is None:
             return
         sec = self.security
-        if sec.acl is not None:
+        if sec.authorizing:
             who = session.principal or Principal(session.client_id, None, None)
             if not sec.allowed(who, ACL_PUBLISH, will.topic):
                 sec.publish_denied += 1
@@ -612,7 +754,7 @@ class Shard:
                 link.wake()
                 return
         sec = self.security
-        if sec.acl is not None and not sec.allowed(session.principal, ACL_PUBLISH, topic):  # type: ignore[arg-type]
+        if sec.authorizing and not sec.allowed(session.principal, ACL_PUBLISH, topic):  # type: ignore[arg-type]
             self._publish_denied(link, session, p, v5)
             return
         if qos == 2:
@@ -793,7 +935,7 @@ class Shard:
         if not cfg.wildcard_subscription_available and ("+" in real or "#" in real):
             return Reason.WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED, None, False
         sec = self.security
-        if sec.acl is not None and not sec.allowed(session.principal, ACL_SUBSCRIBE, real):  # type: ignore[arg-type]
+        if sec.authorizing and not sec.allowed(session.principal, ACL_SUBSCRIBE, real):  # type: ignore[arg-type]
             # 0x87 in SUBACK; MQTT 3.1.1 encodes it as 0x80 Failure
             sec.subscribe_denied += 1
             log.debug("SUBSCRIBE of %r to %r denied by the ACL", session.client_id, filt)
@@ -925,3 +1067,18 @@ def _is_utf8(data: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return True
+
+
+class _Scram:
+    """One connection's SCRAM exchange: between its CONNECT and its CONNACK, or a
+    re-authentication after it (``connect`` is None)."""
+
+    __slots__ = ("server", "connect", "client_id", "assigned", "final")
+
+    def __init__(self, server: ScramServer, connect: Connect | None, client_id: str,
+                 assigned: str | None) -> None:
+        self.server = server
+        self.connect = connect
+        self.client_id = client_id
+        self.assigned = assigned
+        self.final: bytes | None = None  # the server-final message, once the proof checked

@@ -1,6 +1,10 @@
 """The built-in user store: a file of salted password hashes under runtime.data_dir.
 
-The file is JSON, ``{"version": 1, "users": {"alice": "scrypt$16384$8$1$<salt>$<hash>"}}``,
+The file is JSON, ``{"version": 1, "users": {"alice": "scrypt$16384$8$1$<salt>$<hash>"},
+"scram": {"alice": "SCRAM-SHA-256$4096:<salt>$<StoredKey>:<ServerKey>"}}``: the scrypt hash
+checks a password sent in CONNECT, the SCRAM verifier (see :mod:`shards.scram`) serves MQTT 5
+enhanced authentication; ``shoal user add`` writes both. ``scram`` is optional (files written
+before it have none; their users simply cannot use SCRAM until their password is set again),
 written only by ``shoal user add|del`` (atomically: a temporary file renamed into place,
 under an exclusive lock so two concurrent commands do not lose each other's change) and
 read by every shard, which notices a change by its stat signature (see :class:`WatchedFile`).
@@ -72,6 +76,12 @@ def verify_password(password: bytes, encoded: str) -> bool:
 
 
 def parse_users(text: str) -> dict[str, str]:
+    return parse_store(text)[0]
+
+
+def parse_store(text: str) -> tuple[dict[str, str], dict[str, str]]:
+    """The password hashes and the SCRAM verifiers of a user file."""
+    from shards.scram import Verifier
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as err:
@@ -84,16 +94,30 @@ def parse_users(text: str) -> dict[str, str]:
         if not isinstance(encoded, str):
             raise UserFileError(f"user {name!r}: hash is not a string")
         _parse(encoded)
-    return dict(users)
+    scram = doc.get("scram", {})
+    if not isinstance(scram, dict):
+        raise UserFileError("\"scram\" is not an object")
+    for name, encoded in scram.items():
+        if not isinstance(encoded, str):
+            raise UserFileError(f"user {name!r}: SCRAM verifier is not a string")
+        try:
+            Verifier.decode(encoded)
+        except ValueError as err:
+            raise UserFileError(f"user {name!r}: {err}") from None
+    return dict(users), dict(scram)
 
 
 def read_users(path: str | os.PathLike[str]) -> dict[str, str]:
     """The users in ``path``; no file means no users."""
+    return read_store(path)[0]
+
+
+def read_store(path: str | os.PathLike[str]) -> tuple[dict[str, str], dict[str, str]]:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        return {}
-    return parse_users(text)
+        return {}, {}
+    return parse_store(text)
 
 
 def write_atomically(path: str | os.PathLike[str], text: str) -> None:
@@ -121,29 +145,37 @@ def locked(path: str | os.PathLike[str]) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def write_users(path: str | os.PathLike[str], users: dict[str, str]) -> None:
-    doc = {"version": FILE_VERSION, "users": dict(sorted(users.items()))}
+def write_users(path: str | os.PathLike[str], users: dict[str, str],
+                scram: dict[str, str] | None = None) -> None:
+    doc: dict[str, object] = {"version": FILE_VERSION, "users": dict(sorted(users.items()))}
+    if scram:
+        doc["scram"] = dict(sorted(scram.items()))
     write_atomically(path, json.dumps(doc, indent=1) + "\n")
 
 
-def add_user(path: str | os.PathLike[str], name: str, password: str) -> bool:
-    """Add or replace ``name``; True if it was new."""
+def add_user(path: str | os.PathLike[str], name: str, password: str,
+             scram_iterations: int | None = None) -> bool:
+    """Add or replace ``name`` (its scrypt hash and its SCRAM verifier); True if new."""
+    from shards.scram import DEFAULT_ITERATIONS, make_verifier
     encoded = hash_password(password)
+    verifier = make_verifier(password, iterations=scram_iterations or DEFAULT_ITERATIONS).encode()
     with locked(path):
-        users = read_users(path)
+        users, scram = read_store(path)
         new = name not in users
         users[name] = encoded
-        write_users(path, users)
+        scram[name] = verifier
+        write_users(path, users, scram)
     return new
 
 
 def delete_user(path: str | os.PathLike[str], name: str) -> bool:
     """Remove ``name``; False if there was no such user."""
     with locked(path):
-        users = read_users(path)
+        users, scram = read_store(path)
         if users.pop(name, None) is None:
             return False
-        write_users(path, users)
+        scram.pop(name, None)
+        write_users(path, users, scram)
     return True
 
 

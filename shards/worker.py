@@ -28,7 +28,7 @@ from typing import Any
 from pathlib import Path
 
 from listeners.proxy import ProxyProtocolLayer
-from listeners.tls import peer_identity
+from listeners.tls import TlsLayer, peer_identity
 from listeners.websocket import WebSocketLayer
 from shards.config import Config
 from shards.process import boot, run, run_dir_for
@@ -41,6 +41,7 @@ from shards.hostlink import RouterHost, Welcome, join_router
 from router.counters import COLUMN, HostCounters
 from shards.limits import LogLimiter, TokenBucket, share
 from shards.acl import AclError
+from shards.jwtauth import JwtKeyError
 from shards.security import Security
 from shards.session import Session
 from shards.shard import Shard
@@ -243,13 +244,13 @@ class Worker:
         self.hash_pool = ThreadPoolExecutor(cfg.auth.hash_workers, thread_name_prefix="shoal-hash")
         # and remote backends are waited on by others, so a slow service cannot starve hashing
         io_threads = cfg.auth.http_workers if "http" in cfg.auth.backend_list() else 0
-        if "postgresql" in cfg.auth.backend_list():
+        if "postgresql" in cfg.auth.backend_list() or cfg.auth.pgsql_acl_query:
             io_threads += cfg.auth.pgsql_workers
-        if "mysql" in cfg.auth.backend_list():
+        if "mysql" in cfg.auth.backend_list() or cfg.auth.mysql_acl_query:
             io_threads += cfg.auth.mysql_workers
         self.io_pool = ThreadPoolExecutor(max(1, io_threads), thread_name_prefix="shoal-authio")
         self.security = Security(cfg.auth, cfg.mqtt.allow_anonymous, cfg.runtime.data_dir,
-                                 self.offload, self.offload_io)
+                                 self.offload, self.offload_io, cfg.listeners)
         # start-up reads the user, ACL and banned files; a missing or invalid ACL stops us
         self.security.load(loop.time(), time.time())
         self.shard = Shard(cfg.mqtt, index, loop.time(), host or LocalHost(), self.security)
@@ -486,6 +487,13 @@ async def _serve_tls(worker: Worker, sock: socket.socket) -> asyncio.AbstractSer
     # bounded by the connect timeout, as a CONNECT that never comes would be
     table = worker.cfg.listeners.tls
     mode = table.peer_cert_as_username
+    if table.proxy_protocol:
+        # the PROXY header precedes the handshake: TLS is a layer under it
+        ctx, timeout = tls_context(table), worker.cfg.mqtt.connect_timeout
+
+        def factory() -> asyncio.Protocol:
+            return ProxyProtocolLayer(TlsLayer(ClientProtocol(worker, mode, "tls"), ctx, timeout))
+        return await worker.loop.create_server(factory, sock=sock, backlog=table.backlog)
     return await worker.loop.create_server(
         lambda: ClientProtocol(worker, mode, "tls"), sock=sock, backlog=table.backlog,
         ssl=tls_context(table), ssl_handshake_timeout=worker.cfg.mqtt.connect_timeout)
@@ -506,6 +514,13 @@ async def _serve_ws(worker: Worker, sock: socket.socket) -> asyncio.AbstractServ
 async def _serve_wss(worker: Worker, sock: socket.socket) -> asyncio.AbstractServer:
     table = worker.cfg.listeners.wss
     path, max_frame, mode = table.path, table.max_frame_size, table.peer_cert_as_username
+    if table.proxy_protocol:
+        ctx, timeout = tls_context(table), worker.cfg.mqtt.connect_timeout
+
+        def factory() -> asyncio.Protocol:
+            return ProxyProtocolLayer(TlsLayer(
+                WebSocketLayer(ClientProtocol(worker, mode, "wss"), path, max_frame), ctx, timeout))
+        return await worker.loop.create_server(factory, sock=sock, backlog=table.backlog)
     return await worker.loop.create_server(
         lambda: WebSocketLayer(ClientProtocol(worker, mode, "wss"), path, max_frame), sock=sock,
         backlog=table.backlog, ssl=tls_context(table),
@@ -609,10 +624,10 @@ def main(argv: list[str] | None = None) -> int:
     if cfg is None:
         return 2
     try:
-        # the ACL is read before anything starts: a broker without the rules asked for
-        # would allow too much
+        # the ACL and JWT keys are read before anything starts: a broker without the
+        # rules or keys asked for would allow too much (or refuse everyone)
         Security(cfg.auth, cfg.mqtt.allow_anonymous, cfg.runtime.data_dir).load(0.0, time.time())
-    except AclError as err:
+    except (AclError, JwtKeyError) as err:
         print(f"shoal: {err}", file=sys.stderr)
         return 2
     if args.index is None:

@@ -13,11 +13,19 @@ connection (subscriptions, inflight messages, packet ids) is the session's.
 States::
 
     AWAIT_CONNECT --CONNECT--> CONNECTING --accept()--> CONNECTED
-          |                        |  refuse()              |  fail()/disconnect()
-          +------------------------+------------------------+-----> CLOSED
+          |                     |  ^   |  refuse()              |  fail()/disconnect()
+          |        challenge()  v  |   |                        |
+          |              AUTHENTICATING (AUTH 0x18 in)          |
+          +---------------------+------+------------------------+-----> CLOSED
 
 While CONNECTING, frames after the CONNECT stay buffered: the shard may need
 time (a takeover from another shard) before it accepts or refuses.
+
+MQTT 5 enhanced authentication: :meth:`challenge` sends an AUTH 0x18 (Continue
+authentication) and waits in AUTHENTICATING, where the client may send only AUTH
+0x18 with the same Authentication Method (or DISCONNECT) [MQTT-4.12.0-3/4]; that
+AUTH is handed to the shard and the state returns to CONNECTING. The exchange's
+own state (``auth``) is the shard's, kept here so it dies with the connection.
 
 Every protocol violation is a :class:`ProtocolError`; :meth:`fail` is the one
 place that turns it into a CONNACK (before the session exists) or a DISCONNECT
@@ -35,7 +43,7 @@ from shards.protocol.codec import (
 )
 from shards.protocol.errors import ProtocolError, Reason
 from shards.protocol.packets import (
-    AUTH, CONNACK, CONNECT, DISCONNECT, MQTT_5, MQTT_31, MQTT_311, PINGRESP, PUBACK, PUBCOMP, PUBLISH, PUBREC,
+    AUTH, CONNACK, Auth, CONNECT, DISCONNECT, MQTT_5, MQTT_31, MQTT_311, PINGRESP, PUBACK, PUBCOMP, PUBLISH, PUBREC,
     SUBACK, UNSUBACK, Connack, Connect, Disconnect, Packet, Prop, Properties, Publish,
 )
 from shards.protocol.reader import FrameReader
@@ -44,6 +52,7 @@ AWAIT_CONNECT = 0
 CONNECTING = 1
 CONNECTED = 2
 CLOSED = 3
+AUTHENTICATING = 4
 
 # Packets only a server sends; a client sending one is a protocol error.
 _SERVER_ONLY = frozenset({CONNACK, SUBACK, UNSUBACK, PINGRESP})
@@ -60,7 +69,7 @@ class MQTTConnection:
         "state", "version", "keepalive", "last_rx", "connect_deadline", "reader", "_out",
         "receive_maximum", "_pending_in", "topic_alias_maximum", "_alias_in",
         "client_max_packet", "client_alias_max", "_alias_out", "problem_info", "client_id",
-        "_acks", "topic_out",
+        "_acks", "topic_out", "auth_method", "auth",
     )
 
     def __init__(self, now: float, *, max_packet_size: int = MQTT_MAX_PACKET,
@@ -89,6 +98,8 @@ class MQTTConnection:
         # Where a delivery of a topic goes when a transport has more than one output (MQTT
         # over QUIC's data streams): topic -> that output's chunk list. None: the one output.
         self.topic_out: Callable[[str], list[bytes]] | None = None
+        self.auth_method: str | None = None  # the CONNECT's Authentication Method
+        self.auth: Any = None  # the shard's enhanced-authentication state
 
     # -- input -------------------------------------------------------------
 
@@ -124,6 +135,20 @@ class MQTTConnection:
                 raise ProtocolError(Reason.PROTOCOL_ERROR, "the first packet must be CONNECT")
             self._on_connect(packet)  # type: ignore[arg-type]
             return packet
+        if state == AUTHENTICATING:
+            if ptype == AUTH:
+                if packet.reason_code != Reason.CONTINUE_AUTHENTICATION:  # type: ignore[attr-defined]
+                    raise ProtocolError(Reason.PROTOCOL_ERROR,
+                                        "AUTH during authentication must be 0x18")
+                if packet.props.get(Prop.AUTHENTICATION_METHOD) != self.auth_method:  # type: ignore[attr-defined]
+                    raise ProtocolError(Reason.PROTOCOL_ERROR,
+                                        "AUTH with another authentication method")
+                self.state = CONNECTING  # the shard answers: challenge again, accept or refuse
+                return packet
+            if ptype == DISCONNECT:
+                self.state = CLOSED
+                return packet
+            raise ProtocolError(Reason.PROTOCOL_ERROR, "only AUTH may follow an AUTH challenge")
         if ptype == PUBLISH:
             self._on_publish(packet)  # type: ignore[arg-type]
         elif ptype == CONNECT:
@@ -140,6 +165,7 @@ class MQTTConnection:
         self.client_id = packet.client_id
         props = packet.props
         if props:
+            self.auth_method = props.get(Prop.AUTHENTICATION_METHOD)
             self.client_max_packet = props.get(Prop.MAXIMUM_PACKET_SIZE, MQTT_MAX_PACKET)
             self.client_alias_max = props.get(Prop.TOPIC_ALIAS_MAXIMUM, 0)
             self.problem_info = props.get(Prop.REQUEST_PROBLEM_INFORMATION, 1) == 1
@@ -181,6 +207,16 @@ class MQTTConnection:
         self.keepalive = keepalive
         self.state = CONNECTED
         self._write(encode(connack, self.version))
+
+    def challenge(self, data: bytes) -> None:
+        """Continue enhanced authentication: AUTH 0x18 with ``data``, then wait for the
+        client's AUTH (the connection must be CONNECTING, after a CONNECT that named a
+        method)."""
+        assert self.state == CONNECTING and self.auth_method is not None
+        self._write(encode(Auth(Reason.CONTINUE_AUTHENTICATION, {
+            Prop.AUTHENTICATION_METHOD: self.auth_method, Prop.AUTHENTICATION_DATA: data}),
+            MQTT_5))
+        self.state = AUTHENTICATING
 
     def refuse(self, reason: int, message: str = "") -> None:
         """Answer the CONNECT with a failing CONNACK and close."""
@@ -340,7 +376,7 @@ class MQTTConnection:
             elif self.version == MQTT_5:
                 # a CONNECT that failed to decode may be answered with its reason [MQTT-4.13.1]
                 self._write(encode(Connack(False, err.reason), MQTT_5))
-        elif state == CONNECTING:
+        elif state == CONNECTING or state == AUTHENTICATING:
             self.refuse(err.reason, err.message)
         elif self.version == MQTT_5:
             props = {Prop.REASON_STRING: err.message} if self.problem_info and err.message else {}
@@ -374,7 +410,7 @@ class MQTTConnection:
     def handle_timer(self, now: float) -> int | None:
         """The reason to close this connection now, if its time is up."""
         state = self.state
-        if state == AWAIT_CONNECT or state == CONNECTING:
+        if state == AWAIT_CONNECT or state == CONNECTING or state == AUTHENTICATING:
             if now >= self.connect_deadline:
                 return Reason.MAXIMUM_CONNECT_TIME
             return None

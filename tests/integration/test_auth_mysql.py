@@ -70,6 +70,9 @@ def mariadb() -> Iterator[str]:
             cur.execute("GRANT ALL ON mqtt.* TO 'mqtt'@'localhost'")
             cur.execute("CREATE TABLE mqtt.mqtt_user (username varchar(100) PRIMARY KEY, "
                         "password_hash varchar(200) NOT NULL, clientid varchar(100))")
+            cur.execute("CREATE TABLE mqtt.mqtt_acl (id int AUTO_INCREMENT PRIMARY KEY, "
+                        "username varchar(100) NOT NULL, permission varchar(5) NOT NULL, "
+                        "action varchar(9) NOT NULL, topic varchar(200) NOT NULL)")
         con.close()
         yield sock
     finally:
@@ -126,3 +129,25 @@ def test_mysql_down_falls_through(make_broker: Any, tmp_path: Path, uid: str) ->
     b = make_broker({"auth": {"backends": "mysql", "mysql_host": str(tmp_path / "no.sock")}})
     assert _connect(b, f"{uid}a", "dbuser", "dbpass") == BAD_CREDENTIALS
     assert "mysql auth backend failed" in b.log()
+
+
+def _acl(sock: str, username: str, rows: list[tuple[str, str, str]]) -> None:
+    con = _root(sock)
+    with con.cursor() as cur:
+        for permission, action, topic in rows:
+            cur.execute("INSERT INTO mqtt.mqtt_acl (username, permission, action, topic) "
+                        "VALUES (%s, %s, %s, %s)", (username, permission, action, topic))
+    con.close()
+
+
+def test_mysql_acl_rows(make_broker: Any, mariadb: str, uid: str) -> None:
+    from tests.integration.db_acl import check_acl_rows
+    _add(mariadb, "acluser", "pw")
+    _acl(mariadb, "acluser", [("deny", "all", "devices/%c/secret"),
+                              ("allow", "all", "devices/%c/#"),
+                              ("allow", "subscribe", "eq broadcast/#")])
+    b = make_broker({"mqtt": {"allow_anonymous": False},
+                     "auth": {"backends": "mysql", "mysql_host": mariadb, "acl_no_match": "deny",
+                              "mysql_acl_query": "SELECT permission, action, topic FROM mqtt_acl"
+                                                 " WHERE username = :username ORDER BY id"}})
+    check_acl_rows(b, uid, "acluser", "pw")

@@ -73,6 +73,8 @@ def postgres() -> Iterator[str]:
         con = pg8000.native.Connection("mqtt", unix_sock=unix_sock, database="mqtt")
         con.run("CREATE TABLE mqtt_user (username text PRIMARY KEY, password_hash text NOT NULL,"
                 " clientid text)")
+        con.run("CREATE TABLE mqtt_acl (id serial PRIMARY KEY, username text NOT NULL,"
+                " permission text NOT NULL, action text NOT NULL, topic text NOT NULL)")
         con.close()
         yield str(sock)
     finally:
@@ -131,3 +133,26 @@ def test_postgresql_down_falls_through(make_broker: Any, tmp_path: Path, uid: st
                               "pgsql_port": PORT}})
     assert _connect(b, f"{uid}a", "pguser", "pgpass") == BAD_CREDENTIALS
     assert "postgresql auth backend failed" in b.log()
+
+
+def _acl(sock: str, username: str, rows: list[tuple[str, str, str]]) -> None:
+    con = pg8000.native.Connection("mqtt", unix_sock=f"{sock}/.s.PGSQL.{PORT}", database="mqtt")
+    for permission, action, topic in rows:
+        con.run("INSERT INTO mqtt_acl (username, permission, action, topic) VALUES (:u, :p, :a, :t)",
+                u=username, p=permission, a=action, t=topic)
+    con.close()
+
+
+def test_postgresql_acl_rows(make_broker: Any, postgres: str, uid: str) -> None:
+    from tests.integration.db_acl import check_acl_rows
+    _add(postgres, "acluser", "pw")
+    _acl(postgres, "acluser", [("deny", "all", "devices/%c/secret"),
+                               ("allow", "all", "devices/%c/#"),
+                               ("allow", "subscribe", "eq broadcast/#")])
+    b = make_broker({"mqtt": {"allow_anonymous": False},
+                     "auth": {"backends": "postgresql", "pgsql_host": postgres, "pgsql_port": PORT,
+                              "acl_no_match": "deny",
+                              # EMQX's column order: picked by name, not position
+                              "pgsql_acl_query": "SELECT action, permission, topic FROM mqtt_acl"
+                                                 " WHERE username = :username ORDER BY id"}})
+    check_acl_rows(b, uid, "acluser", "pw")

@@ -452,7 +452,7 @@ def test_tls_ws_wss_are_off_by_default_and_need_no_files() -> None:
     ("[listeners.ws]\nmax_frame_size = 10\n", "listeners.ws.max_frame_size"),
     ("[listeners.tls]\nmin_version = 'TLSv1.1'\n", "listeners.tls.min_version"),
     ("[listeners.tls]\nverify_client = 'maybe'\n", "listeners.tls.verify_client"),
-    ("[listeners.tls]\nproxy_protocol = true\n", "listeners.tls.proxy_protocol"),
+    ("[listeners.tls]\nproxy_protocol = 'yes'\n", "listeners.tls.proxy_protocol"),
     ("[listeners.ws]\nbind = ' '\n", "listeners.ws.bind"),
 ])
 def test_tls_and_ws_tables_are_validated(tmp_path: Path, text: str, key: str) -> None:
