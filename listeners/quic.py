@@ -240,7 +240,12 @@ class QuicStream(asyncio.Transport):
         conn = self.conn
         if self._closing or conn.closed:
             return
-        conn.quic.send_stream_data(self.stream_id, bytes(data))
+        try:
+            conn.quic.send_stream_data(self.stream_id, bytes(data))
+        except (ValueError, RuntimeError):
+            # the client stopped or reset the stream (STOP_SENDING): nothing more goes on it
+            self._closing = True
+            return
         conn.endpoint.mark(conn)
         if not self._write_paused and self.get_write_buffer_size() > WRITE_HIGH_WATER:
             self._write_paused = True
@@ -255,7 +260,10 @@ class QuicStream(asyncio.Transport):
 
     def write_eof(self) -> None:
         if not self._closing and not self.conn.closed:
-            self.conn.quic.send_stream_data(self.stream_id, b"", end_stream=True)
+            try:
+                self.conn.quic.send_stream_data(self.stream_id, b"", end_stream=True)
+            except (ValueError, RuntimeError):
+                return  # already stopped or reset by the client
             self.conn.endpoint.mark(self.conn)
 
     def close(self) -> None:

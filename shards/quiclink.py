@@ -102,7 +102,7 @@ class DataStream(asyncio.Protocol):
 class QuicLink(ClientProtocol):
     """The control stream of an MQTT-over-QUIC connection; the session's Link."""
 
-    __slots__ = ("data", "routes")
+    __slots__ = ("data", "routes", "control_out")
     multi = True
 
     def __init__(self, worker: Worker) -> None:
@@ -110,6 +110,9 @@ class QuicLink(ClientProtocol):
         self.data: list[DataStream] = []
         # (filter, stream) of subscriptions made on data streams, oldest first
         self.routes: list[tuple[str, DataStream]] = []
+        # the control stream's output (the connection's own list, swapped while a data
+        # stream's packet is handled)
+        self.control_out = self.conn._out
 
     def process(self, now: float) -> None:
         super().process(now)
@@ -140,10 +143,15 @@ class QuicLink(ClientProtocol):
                     if ptype == SUBSCRIBE or ptype == UNSUBSCRIBE:
                         self._note_route(packet, stream)
                     conn._out = stream.out
+                    # deliveries made meanwhile (our own subscription matching our own
+                    # PUBLISH) go where their subscription was made, not to this stream
+                    routed = conn.topic_out
+                    conn.topic_out = self._route
                     try:
                         shard.handle(self, packet, now)
                     finally:
                         conn._out = control
+                        conn.topic_out = routed
                 if bucket is not None and ptype == PUBLISH:
                     wait = bucket.take(1.0, now)
                     if wait:
@@ -184,7 +192,7 @@ class QuicLink(ClientProtocol):
         for filt, stream in reversed(self.routes):
             if matches(filt, topic):
                 return stream.out
-        return self.conn._out
+        return self.control_out
 
     def stream_ended(self, stream: DataStream) -> None:
         if stream in self.data:

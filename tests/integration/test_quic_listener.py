@@ -287,3 +287,34 @@ def test_will_of_a_quic_client_that_vanishes(make_broker: Callable[..., Broker],
         run(main)
         p = rc.parse_publish(sub.expect(rc.PUBLISH, timeout=10.0), V5)
         assert p.payload == b"vanished"
+
+
+def test_own_publish_on_a_data_stream_is_delivered_where_the_subscription_was_made(
+        broker: Broker, uid: str) -> None:
+    async def main() -> None:
+        q, control = await connected(broker, uid)
+        control.send(rc.subscribe(1, [(f"{uid}/own", 0)], version=V5))
+        await control.expect(rc.SUBACK)
+        data = await q.stream()
+        data.send(rc.publish(f"{uid}/own", b"self", qos=1, packet_id=5, version=V5))
+        await data.expect(rc.PUBACK)
+        p = rc.parse_publish(await control.expect(rc.PUBLISH), V5)
+        assert p.payload == b"self"
+        await data.silent()
+        await q.aclose()
+    run(main)
+
+
+def test_stop_sending_after_disconnect_is_harmless(broker: Broker, uid: str) -> None:
+    """A client that sends DISCONNECT and at once STOP_SENDING on the control stream (quiche's
+    forced teardown does): the broker's last write on that stream must not blow up."""
+    async def main() -> None:
+        q, control = await connected(broker, uid)
+        control.send(rc.disconnect(V5))
+        assert q.protocol is not None
+        q.protocol._quic.stop_stream(control.stream_id, 0)
+        q.protocol.transmit()
+        await q.closed()
+        await q.aclose()
+    run(main)
+    # the module's broker fixture fails the module if this logged an unhandled error
