@@ -14,7 +14,7 @@ As a library::
     c = await MQTTClient.connect_quic("127.0.0.1", 14567, client_id="b", insecure=True)
     await c.subscribe([("t/#", 1)])          # -> granted reason codes
     await c.publish("t/1", b"hi", qos=2)      # returns once PUBCOMP arrived
-    msg = await c.messages.get()              # a shards.protocol.packets.Publish
+    msg = await c.messages.get()              # a shards.protocol.packets.Publish (None: closed)
     await c.quic.rebind("127.0.0.2")          # QUIC only: new local address, same session
     d = c.open_data_stream()                  # QUIC only: PUBLISH/SUBSCRIBE on stream 4, 8...
     await d.publish("t/2", b"x", qos=1)       # its PUBACK comes back on that stream
@@ -75,7 +75,9 @@ class Channel(asyncio.Protocol):
         self.name = name
         self.transport: Any = None
         self.reader = FrameReader()
-        self.messages: asyncio.Queue[Publish] = asyncio.Queue()
+        # Deliveries in arrival order; a None is put when the connection ends, so a reader
+        # blocked on get() wakes up instead of waiting forever.
+        self.messages: asyncio.Queue[Publish | None] = asyncio.Queue()
         # (packet type we wait for, packet id) -> future of that packet
         self._waiters: dict[tuple[int, int], asyncio.Future[Packet]] = {}
         self._closed: asyncio.Future[Exception | None] = client.loop.create_future()
@@ -220,7 +222,7 @@ class MQTTClient:
         self._ping_timer: asyncio.TimerHandle | None = None
 
     @property
-    def messages(self) -> asyncio.Queue[Publish]:
+    def messages(self) -> asyncio.Queue[Publish | None]:
         """Deliveries on the control channel (all of them, unless data streams subscribed)."""
         return self.control.messages
 
@@ -410,3 +412,5 @@ class MQTTClient:
             ch._fail(exc or MQTTError("connection closed"))
         if not self._closed.done():
             self._closed.set_result(None)
+            for ch in self.channels:
+                ch.messages.put_nowait(None)
