@@ -296,6 +296,8 @@ class QuicStreamClient:
         """Close the connection (CONNECTION_CLOSE); streams hear connection_lost."""
         if self._closed.done():
             return
+        # Send what the streams still hold (an MQTT DISCONNECT) before CONNECTION_CLOSE.
+        self._transmit()
         self.quic.close(error_code=error_code, reason_phrase=reason)
         self._transmit()
         # Closing state lasts ~3 PTO in aioquic; we do not wait for the server to confirm.
