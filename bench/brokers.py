@@ -267,6 +267,10 @@ SHOAL_CONFIG = """\
 bind = "127.0.0.1"
 port = 0
 
+[listeners.quic]
+bind = "127.0.0.1"
+port = 0
+
 [runtime]
 ready_file = "{ready}"
 data_dir = "{data}"

@@ -34,12 +34,13 @@ __all__ = [
     "encode_publish", "decode_publish", "encode_control", "decode_control",
 ]
 
-# Frame types. 0 is never sent, so a zeroed buffer cannot pass for a frame; 4..255 are free
+# Frame types. 0 is never sent, so a zeroed buffer cannot pass for a frame; 5..255 are free
 # for later frame types. The decoder passes any type through: it is the bus that decides
 # which types are legal at which point of a connection.
 HELLO = 1
 PUBLISH = 2
 CONTROL = 3
+DATAGRAM = 4  # a QUIC datagram the kernel gave to the wrong shard, for the owner of its id
 
 # Bumped when a frame layout changes incompatibly. Shards of one host always run one
 # release, but a rolling `supervisorctl restart` briefly mixes two: a mismatch is refused

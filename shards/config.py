@@ -360,8 +360,81 @@ class WssListenerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class QuicListenerConfig:
+    section_path: ClassVar[str] = "listeners.quic"
+
+    enabled: bool = _key(
+        True,
+        """Serve MQTT over QUIC (EMQX 5's conventions: ALPN mqtt, TLS 1.3, the first client
+        stream is the control stream, later ones data streams). On by default because QUIC is
+        what lets a moving client (Wi-Fi to cellular, NAT rebinding) keep its session without
+        a reconnect, and it costs one UDP port. With no certfile it uses a self-signed
+        certificate generated once into runtime.data_dir: EMQX's QUIC clients default to
+        verify_none, and a client that verifies needs a real certificate configured here.""")
+    bind: str = _bind_key("QUIC")
+    port: int = _port_key(
+        14567,
+        """UDP port. 14567 is EMQX's QUIC listener port, so EMQX's QUIC clients (and
+        emqtt-bench --quic) find shoal where they find EMQX.""")
+    max_connections: int = _max_conn_key()
+    max_connection_rate: float = _conn_rate_key()
+    certfile: str = _key(
+        "",
+        """PEM file with the server's certificate (and intermediates). Empty by default: a
+        self-signed certificate for the host name is generated into runtime.data_dir on first
+        start and kept, so every shard and every restart present the same one.""",
+        zero="(empty) a generated self-signed certificate")
+    keyfile: str = _keyfile_key()
+    idle_timeout: float = _key(
+        60.0,
+        """Seconds without any packet after which QUIC closes a connection (the smaller of
+        this and the client's own value wins). 60 s, as aioquic and MsQuic clients default
+        to: long enough for a phone between cells, short enough that the state of a client
+        that vanished is reclaimed within a minute. A client whose MQTT keepalive is longer
+        must send QUIC PINGs (MsQuic does) or its connection idles out first.""",
+        above=0.0, hi=86400.0, unit="seconds")
+    steering: str = _key(
+        "bpf",
+        """How a datagram reaches the shard holding its connection. bpf: the router attaches
+        a classic BPF program to the UDP socket group that picks the socket from the
+        destination connection id (every id shard k issues has byte0 % N == k), so a client
+        whose address changes still reaches its shard; a datagram that still lands on the
+        wrong shard (the program could not be attached) is forwarded to its owner over the
+        bus. forward: no program; every misrouted datagram is forwarded over the bus (a hop
+        more, for kernels that refuse the program). off: neither; the kernel hashes the
+        address, so a client whose address changes lands on another shard and its connection
+        dies (with one shard, the same as bpf). bpf by default because it is the one that
+        keeps migrating clients at no cost per datagram.""",
+        choices=("bpf", "forward", "off"))
+    max_data_streams: int = _key(
+        10,
+        """Data streams (client bidirectional streams after the control stream) a connection
+        may have open at once; QUIC's stream limit refuses more. 10, EMQX's limit: data
+        streams separate independent flows (no head-of-line blocking between them), and a
+        handful covers that; each costs a frame reader and an output buffer.""",
+        lo=0, hi=1000)
+    retry: bool = _key(
+        False,
+        """Answer a new connection's first packet with a Retry (address validation) before
+        spending a handshake on it. Off by default, as in EMQX: it costs every client a
+        round trip and QUIC's anti-amplification limit already bounds what a spoofed
+        address gets. When on, the Retry hands out a connection id owned by the same shard,
+        so the token comes back to the shard that made it (each shard has its own token
+        key; nothing is shared). Session tickets (resumption, 0-RTT) are never issued: 0-RTT
+        data can be replayed and an MQTT PUBLISH is not idempotent, and a ticket key would
+        have to be shared between shards.""")
+
+    def __post_init__(self) -> None:
+        _validate(self)
+        _check_bind(self)
+        if self.keyfile and not self.certfile:
+            raise ConfigError(f"{self.section_path}.keyfile: set only together with certfile",
+                              key=f"{self.section_path}.keyfile")
+
+
+@dataclass(frozen=True, slots=True)
 class ListenersConfig:
-    """One table per transport. A QUIC listener is planned as a table of its own."""
+    """One table per transport."""
 
     section_path: ClassVar[str] = "listeners"
 
@@ -370,6 +443,8 @@ class ListenersConfig:
         TlsListenerConfig, "MQTT over TLS (1.2 or newer), optionally with client certificates.")
     ws: WsListenerConfig = _table(WsListenerConfig, "MQTT over WebSocket.")
     wss: WssListenerConfig = _table(WssListenerConfig, "MQTT over WebSocket over TLS.")
+    quic: QuicListenerConfig = _table(
+        QuicListenerConfig, "MQTT over QUIC (UDP), compatible with EMQX 5's QUIC listener.")
 
     def __post_init__(self) -> None:
         _validate(self)

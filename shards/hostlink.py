@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from router.bus import Bus
 from router.framing import (
-    CONTROL, FLAG_ACK, FLAG_RETAIN_ONLY, PUBLISH, FrameDecoder, decode_control, encode_control, encode_frame,
+    CONTROL, DATAGRAM, FLAG_ACK, FLAG_RETAIN_ONLY, PUBLISH, FrameDecoder, decode_control, encode_control, encode_frame,
 )
 from router.index import pick_shard
 from router.shm import ShmTopicIndex
@@ -174,6 +174,8 @@ class RouterHost:
         # per peer: ids of its QoS 1/2 messages to confirm after our next commit
         self._to_confirm: dict[int, list[int]] = {}
         self.on_pending: Callable[[], None] = lambda: None
+        # QUIC datagrams other shards forward to us (listeners.quic.steering)
+        self.on_datagram: Callable[[bytes], None] | None = None
 
     async def start(self, shard: Shard) -> None:
         self.shard = shard
@@ -441,6 +443,15 @@ class RouterHost:
             return True
         return pick_shard(mask, msg.id) == self.index
 
+    def send_datagram(self, peer: int, blob: bytes) -> None:
+        """A QUIC datagram for the shard that owns its connection id. Dropped if the bus is
+        congested, as the network would: QUIC retransmits."""
+        if not self._retry.get(peer):
+            try:
+                self.bus.send(peer, DATAGRAM, blob)
+            except KeyError:
+                pass  # not a shard of ours (a forged id's owner): drop it
+
     def relay(self, shard: int, client_id: str, msg: Message, qos: int, retain: bool,
               sub_ids: tuple[int, ...]) -> None:
         self._bus_control(shard, {"op": "relay", "cid": client_id, "qos": qos, "retain": retain,
@@ -511,6 +522,11 @@ class RouterHost:
             shard.received(msg, not flags & FLAG_RETAIN_ONLY, now)
             if flags & FLAG_ACK:
                 self._confirm_later(peer, msg.id)  # after this turn's commit
+            return
+        if ftype == DATAGRAM:
+            on_datagram = self.on_datagram
+            if on_datagram is not None:
+                on_datagram(bytes(body))
             return
         if ftype != CONTROL:
             return

@@ -64,6 +64,8 @@ class ClientProtocol(asyncio.Protocol):
     __slots__ = ("worker", "transport", "conn", "session", "congested", "peer_username",
                  "cert_username", "disconnected_cleanly", "_dirty", "_closing", "_processing",
                  "listener", "admitted", "throttled", "msg_bucket", "byte_bucket", "_throttle_timer")
+    # more than one output per connection (MQTT over QUIC's data streams): see flush_data
+    multi = False
 
     def __init__(self, worker: Worker, cert_username: str = "none", listener: str = "tcp") -> None:
         self.worker = worker
@@ -259,7 +261,7 @@ class Worker:
         self._flush_scheduled = False
         self.bytes_in = 0
         self.bytes_out = 0
-        self.servers: list[asyncio.AbstractServer] = []
+        self.servers: list[Any] = []  # asyncio servers and QUIC endpoints: close() stops accepting
         self.stopping = asyncio.Event()
         self.input_paused = False
         self._setup_limits(host.workers if isinstance(host, RouterHost) else 1)
@@ -273,7 +275,7 @@ class Worker:
         self.listener_max: dict[str, int] = {}
         self.listener_connections: dict[str, int] = {}
         self.listener_rate: dict[str, TokenBucket] = {}
-        for name in ("tcp", "tls", "ws", "wss"):
+        for name in ("tcp", "tls", "ws", "wss", "quic"):
             table = getattr(cfg.listeners, name)
             self.listener_max[name] = share(table.max_connections, shards)
             self.listener_connections[name] = 0
@@ -355,6 +357,8 @@ class Worker:
                     transport.pause_reading()
                 elif not link.throttled:  # a throttled link resumes when its timer fires
                     transport.resume_reading()
+                if link.multi and (paused or not link.throttled):
+                    link.pause_reading_all(paused)  # type: ignore[attr-defined]
 
     def schedule_flush(self) -> None:
         if not self._flush_scheduled:
@@ -374,6 +378,8 @@ class Worker:
             transport = link.transport
             if transport is None or transport.is_closing():
                 continue
+            if link.multi:
+                out += link.flush_data()  # type: ignore[attr-defined]
             data = link.conn.data_to_send()
             if data:
                 out += len(data)
@@ -485,11 +491,18 @@ async def _serve_wss(worker: Worker, sock: socket.socket) -> asyncio.AbstractSer
 
 
 # how a shard serves a listening socket of each transport (see shards/listening.py)
-SERVERS: dict[str, Callable[[Worker, socket.socket], Awaitable[asyncio.AbstractServer]]] = {
+async def _serve_quic(worker: Worker, sock: socket.socket) -> Any:
+    # imported here: the QUIC glue builds on this module's ClientProtocol
+    from shards.quiclink import serve_quic
+    return await serve_quic(worker, sock)
+
+
+SERVERS: dict[str, Callable[[Worker, socket.socket], Awaitable[Any]]] = {
     "tcp": _serve_tcp,
     "tls": _serve_tls,
     "ws": _serve_ws,
     "wss": _serve_wss,
+    "quic": _serve_quic,
 }
 
 

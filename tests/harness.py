@@ -142,7 +142,9 @@ def start_shoal(workdir: Path, config: dict[str, Any] | None = None, loop: str =
     workdir.mkdir(parents=True, exist_ok=True)
     ready = workdir / "ready.json"
     base: dict[str, Any] = {
-        "listeners": {"tcp": {"bind": "127.0.0.1", "port": 0}},
+        # every listener a test does not name stays off its fixed default port
+        "listeners": {"tcp": {"bind": "127.0.0.1", "port": 0},
+                      "quic": {"bind": "127.0.0.1", "port": 0}},
         "runtime": {"loop": loop, "ready_file": str(ready), "data_dir": str(workdir / "data")},
         "log": {"level": "INFO"},
     }

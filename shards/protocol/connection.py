@@ -27,6 +27,7 @@ place that turns it into a CONNACK (before the session exists) or a DISCONNECT
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from shards.protocol.codec import (
@@ -59,7 +60,7 @@ class MQTTConnection:
         "state", "version", "keepalive", "last_rx", "connect_deadline", "reader", "_out",
         "receive_maximum", "_pending_in", "topic_alias_maximum", "_alias_in",
         "client_max_packet", "client_alias_max", "_alias_out", "problem_info", "client_id",
-        "_acks",
+        "_acks", "topic_out",
     )
 
     def __init__(self, now: float, *, max_packet_size: int = MQTT_MAX_PACKET,
@@ -82,7 +83,10 @@ class MQTTConnection:
         self.problem_info = True
         self.client_id = ""
         # PUBACK/PUBREC cells in PUBLISH order, while some of them wait [MQTT-4.6.0-2]
-        self._acks: deque[list[Packet | None]] | None = None
+        self._acks: deque[list[Any]] | None = None
+        # Where a delivery of a topic goes when a transport has more than one output (MQTT
+        # over QUIC's data streams): topic -> that output's chunk list. None: the one output.
+        self.topic_out: Callable[[str], list[bytes]] | None = None
 
     # -- input -------------------------------------------------------------
 
@@ -92,12 +96,15 @@ class MQTTConnection:
         self.last_rx = now
         self.reader.feed(data)
 
-    def next_packet(self) -> Packet | None:
-        """The next complete packet, or None. Raises ProtocolError."""
+    def next_packet(self, reader: FrameReader | None = None) -> Packet | None:
+        """The next complete packet, or None. Raises ProtocolError.
+
+        ``reader``: another input of the same connection (a QUIC data stream) instead of
+        the main one; its packets share this connection's state."""
         state = self.state
         if state == CONNECTING or state == CLOSED:
             return None
-        frame = self.reader.next_frame()
+        frame = (reader or self.reader).next_frame()
         if frame is None:
             return None
         first, body = frame
@@ -200,20 +207,25 @@ class MQTTConnection:
                 return
         self._write(data)
 
-    def reserve_ack(self) -> list[Packet | None]:
-        """A place in the acknowledgement order for an ack decided later."""
-        cell: list[Packet | None] = [None]
+    def reserve_ack(self) -> list[Any]:
+        """A place in the acknowledgement order for an ack decided later; it goes to the
+        output that is current now (the stream the PUBLISH came on)."""
+        cell: list[Any] = [None, self._out]
         if self._acks is None:
             self._acks = deque()
         self._acks.append(cell)
         return cell
 
-    def release_ack(self, cell: list[Packet | None], packet: Packet) -> None:
+    def release_ack(self, cell: list[Any], packet: Packet) -> None:
         """Fill a reserved place; every ack at the head of the order goes out."""
         cell[0] = packet
         acks = self._acks
+        current = self._out
         while acks and acks[0][0] is not None:
-            self.send(acks.popleft()[0])  # type: ignore[arg-type]
+            ready, out = acks.popleft()
+            self._out = out
+            self.send(ready)
+        self._out = current
 
     def send_ack(self, packet: Packet) -> None:
         """An ack decided now: behind any that wait, or straight out."""
@@ -236,6 +248,8 @@ class MQTTConnection:
         """
         if self.state != CONNECTED:
             return False
+        if self.topic_out is not None:
+            return self._routed_publish(topic, payload, qos, retain, packet_id, props, dup, shared)
         version = self.version
         if shared is not None and not (version == MQTT_5 and self.client_alias_max):
             key = (version, qos, retain, dup)
@@ -287,6 +301,22 @@ class MQTTConnection:
             return False
         self._write(data)
         return True
+
+    def _routed_publish(self, topic: str, payload: bytes, qos: int, retain: bool, packet_id: int,
+                        props: Properties | None, dup: bool,
+                        shared: dict[tuple[int, int, bool, bool], tuple[bytes, bytes | None]] | None,
+                        ) -> bool:
+        """send_publish into the output ``topic_out`` picks for the topic."""
+        route = self.topic_out
+        assert route is not None
+        current = self._out
+        self._out = route(topic)
+        self.topic_out = None
+        try:
+            return self.send_publish(topic, payload, qos, retain, packet_id, props, dup, shared)
+        finally:
+            self._out = current
+            self.topic_out = route
 
     def fail(self, err: ProtocolError) -> None:
         """The one mapping of a protocol error to what the peer is told, then close."""

@@ -235,6 +235,7 @@ def make_supervised(here: Path, numprocs: int | None = None, start: bool = True,
     config = here / "shoal.toml"
     config.write_text(
         "[listeners.tcp]\nbind = \"127.0.0.1\"\nport = 0\n"
+        "[listeners.quic]\nbind = \"127.0.0.1\"\nport = 0\n"
         f"[runtime]\nready_file = {json.dumps(str(ready))}\n"
         f"data_dir = {json.dumps(str(here / 'data'))}\n{runtime}")
 

@@ -147,7 +147,7 @@ def test_unknown_key_in_file_names_key_and_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize("text, key", [
     ("[mqt]\nmax_inflight = 7\n", "mqt"),
     ("[listeners.tcp]\nprot = 1\n", "listeners.tcp.prot"),
-    ("[listeners.quic]\nport = 1\n", "listeners.quic"),
+    ("[listeners.quic]\nprot = 1\n", "listeners.quic.prot"),
     ("workers = 2\n", "workers"),
     # the shard count is numprocs in supervisor.conf's [program:workers], not a key
     ("[broker]\nworkers = 4\n", "broker"),
@@ -223,7 +223,7 @@ def test_variables_without_double_underscore_are_not_overrides() -> None:
     "SHOAL_MQTT__NO_SUCH_KEY",
     "SHOAL_NOSECTION__PORT",
     "SHOAL_LISTENERS__TCP__PROT",
-    "SHOAL_LISTENERS__QUIC__PORT",
+    "SHOAL_LISTENERS__QUIC__PROT",
     "SHOAL_BROKER__WORKERS",
 ])
 def test_unknown_env_key_fails_naming_the_variable(name: str) -> None:
@@ -332,7 +332,8 @@ def test_server_keep_alive_may_not_exceed_max_keepalive(tmp_path: Path) -> None:
 
 def test_all_listeners_disabled_fails() -> None:
     with pytest.raises(ConfigError, match="every listener is disabled"):
-        load_config(env={"SHOAL_LISTENERS__TCP__ENABLED": "false"})
+        load_config(env={"SHOAL_LISTENERS__TCP__ENABLED": "false",
+                         "SHOAL_LISTENERS__QUIC__ENABLED": "false"})
 
 
 def test_empty_bind_or_data_dir_fails(tmp_path: Path) -> None:
