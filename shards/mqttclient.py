@@ -44,6 +44,11 @@ from shards.protocol.reader import FrameReader
 
 __all__ = ["MQTTClient", "Channel", "MQTTError", "parse_version"]
 
+# A PINGREQ unanswered for this long (or the keepalive, if longer) means the link is dead.
+# Not keepalive/2: after an address change the PINGREQ may be what makes the server validate
+# the new path, and its answer can take a few round trips plus a retransmission.
+PING_TIMEOUT = 5.0
+
 # How long connect() waits for CONNACK and an operation for its ack, unless told otherwise.
 # Generous on purpose: a loaded 2-core CI machine with several brokers can stall for seconds.
 DEFAULT_TIMEOUT = 30.0
@@ -219,6 +224,7 @@ class MQTTClient:
         self._closed: asyncio.Future[None] = self.loop.create_future()
         self._last_sent = self.loop.time()
         self._ping_outstanding = False
+        self._ping_sent = 0.0
         self._ping_timer: asyncio.TimerHandle | None = None
 
     @property
@@ -377,14 +383,19 @@ class MQTTClient:
         if self._closed.done():
             return
         if self._ping_outstanding:
-            # A whole half-interval without PINGRESP after our PINGREQ: the link is dead.
-            self._abort()
+            if self.loop.time() - self._ping_sent > max(PING_TIMEOUT, self.keepalive):
+                self._abort()  # no PINGRESP: the link is dead
+                return
+            self._arm_keepalive()
             return
-        # Ping every half keepalive if we were quiet: well inside the server's 1.5x allowance.
+        # Ping when we were quiet for half the keepalive: well inside the server's 1.5x
+        # allowance, and over QUIC it is also what tells the server our new address after a
+        # NAT rebinding while we only receive (a receiver sends nothing until it hears something).
         if self.loop.time() - self._last_sent >= self.keepalive / 2 - 0.01:
             try:
                 self.control.send(encode(Pingreq(), self.version))
                 self._ping_outstanding = True
+                self._ping_sent = self.loop.time()
             except MQTTError:
                 return
         self._arm_keepalive()
