@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import socket
 import ssl
 from typing import Any
 
@@ -235,14 +236,21 @@ class MQTTClient:
     # -- connecting ----------------------------------------------------------------------------
 
     @classmethod
-    async def connect_tcp(cls, host: str, port: int, ssl_context: ssl.SSLContext | None = None,
+    async def connect_tcp(cls, host: str | None = None, port: int | None = None,
+                          ssl_context: ssl.SSLContext | None = None,
                           timeout: float = DEFAULT_TIMEOUT, local_host: str | None = None,
-                          **kwargs: Any) -> MQTTClient:
+                          sock: socket.socket | None = None, **kwargs: Any) -> MQTTClient:
+        """MQTT over TCP (TLS with ``ssl_context``), or over ``sock``, a TCP socket already
+        connected (a test that placed its connection on a chosen shard)."""
         client = cls(**kwargs)
-        local = (local_host, 0) if local_host else None
-        await asyncio.wait_for(client.loop.create_connection(
-            lambda: client.control, host, port, ssl=ssl_context, local_addr=local,
-            server_hostname=host if ssl_context else None), timeout)
+        if sock is not None:
+            sock.setblocking(False)
+            await client.loop.create_connection(lambda: client.control, sock=sock)
+        else:
+            local = (local_host, 0) if local_host else None
+            await asyncio.wait_for(client.loop.create_connection(
+                lambda: client.control, host, port, ssl=ssl_context, local_addr=local,
+                server_hostname=host if ssl_context else None), timeout)
         await client._send_connect(timeout)
         return client
 
