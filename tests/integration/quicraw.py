@@ -8,6 +8,7 @@ comes back. Runs on its own asyncio loop in the test; the broker is a real proce
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from contextlib import AsyncExitStack
 from typing import Any
@@ -106,6 +107,32 @@ class RawQuic:
         reader, writer = self.protocol._create_stream(self._next_id)
         self._next_id += 4
         return RawStream(reader, writer)
+
+    async def rebind(self, host: str = "127.0.0.1", new_id: bool = False) -> None:
+        """Send from a new local UDP port (and address ``host``) from now on: to the server,
+        a client whose address changed (NAT rebinding). ``new_id``: also switch to another
+        of the server's connection ids, as RFC 9000 recommends on a path change."""
+        assert self.protocol is not None
+        loop = asyncio.get_running_loop()
+        old = self.protocol._transport
+        # aioquic's connect() uses a dual-stack IPv6 socket and IPv4-mapped peer addresses
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(("::ffff:" + host, 0))
+        await loop.create_datagram_endpoint(lambda: self.protocol, sock=sock)
+        old.close()
+        if new_id:
+            self.protocol.change_connection_id()
+        # a moved client speaks first (here a PING), or the server keeps sending to the old
+        # address; its next packet from the new address starts path validation
+        self.protocol._quic.send_ping(0)
+        self.protocol.transmit()
+
+    def server_cid(self) -> bytes:
+        """The server's connection id this client sends to now (its first byte names the
+        shard holding the connection)."""
+        assert self.protocol is not None
+        return self.protocol._quic._peer_cid.cid
 
     async def closed(self, timeout: float = TIMEOUT) -> None:
         assert self.protocol is not None

@@ -225,3 +225,22 @@ def test_bpf_steering_on_a_real_socket_group(count: int) -> None:
     finally:
         for s in group + senders:
             s.close()
+
+
+def test_connection_limit_closes_the_extra_quic_connection(make_broker: Callable[..., Broker],
+                                                          uid: str) -> None:
+    b = make_broker({"listeners": {"quic": {"max_connections": 1}}})
+
+    async def main() -> None:
+        q1, _ = await connected(b, uid + "a")
+        q2 = await RawQuic.open(b.host, b.ports["quic"])
+        control = await q2.stream()
+        control.send(rc.connect(uid + "b", version=V5))
+        assert await control.read() is None  # no CONNACK: closed as it opened its stream
+        await q2.closed()
+        close = q2.close_info()
+        assert close is not None and close.error_code == 2  # EMQX's "overloaded"
+        await q2.aclose()
+        await q1.aclose()
+    run(main)
+    assert "listeners.quic.max_connections" in b.log()

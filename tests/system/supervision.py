@@ -223,7 +223,7 @@ class Supervised:
 
 
 def make_supervised(here: Path, numprocs: int | None = None, start: bool = True,
-                    runtime: str = "") -> Supervised:
+                    runtime: str = "", quic: str = "") -> Supervised:
     """A private copy of supervisor.conf in ``here`` with a broker on 127.0.0.1, port 0."""
     conf = here / "supervisor.conf"
     conf.write_text(conf_text(numprocs))
@@ -235,7 +235,7 @@ def make_supervised(here: Path, numprocs: int | None = None, start: bool = True,
     config = here / "shoal.toml"
     config.write_text(
         "[listeners.tcp]\nbind = \"127.0.0.1\"\nport = 0\n"
-        "[listeners.quic]\nbind = \"127.0.0.1\"\nport = 0\n"
+        f"[listeners.quic]\nbind = \"127.0.0.1\"\nport = 0\n{quic}"
         f"[runtime]\nready_file = {json.dumps(str(ready))}\n"
         f"data_dir = {json.dumps(str(here / 'data'))}\n{runtime}")
 

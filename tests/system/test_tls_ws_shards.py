@@ -76,7 +76,7 @@ def test_tls_ws_wss_serve_on_every_shard(sv: tuple[Supervised, PKI]) -> None:
     info = s.wait_ready(60)
     assert info["workers"] == SHARDS
     ports = {name: int(v["port"]) for name, v in info["listeners"].items()}
-    assert set(ports) == {"tcp", "tls", "ws", "wss"}, info
+    assert set(ports) == {"tcp", "tls", "ws", "wss", "quic"}, info
     for kind in ("tls", "ws", "wss"):
         seen: set[int] = set()
         for i in range(MAX_ATTEMPTS):
