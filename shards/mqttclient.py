@@ -105,7 +105,7 @@ class Channel(asyncio.Protocol):
                 client._handle(self, packet)
         except ProtocolError as exc:
             # After a protocol error nothing more is read: drop the link.
-            self._fail(MQTTError(f"protocol error from the broker: {exc}", int(exc.reason_code)))
+            self._fail(MQTTError(f"protocol error from the broker: {exc}", exc.reason))
             client._abort()
 
     def eof_received(self) -> bool | None:
@@ -247,6 +247,8 @@ class MQTTClient:
             sock.setblocking(False)
             await client.loop.create_connection(lambda: client.control, sock=sock)
         else:
+            if host is None or port is None:
+                raise ValueError("connect_tcp needs host and port, or sock")
             local = (local_host, 0) if local_host else None
             await asyncio.wait_for(client.loop.create_connection(
                 lambda: client.control, host, port, ssl=ssl_context, local_addr=local,
