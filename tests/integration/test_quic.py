@@ -212,6 +212,19 @@ def test_closing_the_connection_ends_the_session_cleanly(broker: Broker, loop_na
     run(loop_name, main)
 
 
+def test_ending_the_control_stream_ends_the_connection(broker: Broker, loop_name: str,
+                                                      uid: str) -> None:
+    async def main() -> None:
+        c = await quic(broker, uid + "c")
+        data = c.open_data_stream()
+        assert await data.subscribe([(f"{uid}/x", 0)], timeout=TIMEOUT) == [0]
+        c.control.transport.write_eof()  # FIN on stream 0, nothing else
+        await asyncio.wait_for(c.wait_closed(), TIMEOUT)  # the broker closed the connection
+        assert c.quic.is_closed() and not c.is_connected()
+        assert await asyncio.wait_for(data.messages.get(), TIMEOUT) is None
+    run(loop_name, main)
+
+
 def shoal(*args: str) -> list[str]:
     return [sys.executable, "-m", "shards.cli", *args]
 
