@@ -7,11 +7,16 @@ None on the messages queue), never a hang or a traceback in the loop.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 
+from listeners.quicclient import QuicConnectError
 from shards.mqttclient import MQTTClient, MQTTError, parse_version
+from tests.harness import Broker
+from tests.integration.pki import PKI
 
 pytestmark = pytest.mark.integration
 
@@ -120,3 +125,41 @@ def test_parse_version(text: str, level: int) -> None:
 def test_parse_version_refuses_unknown() -> None:
     with pytest.raises(ValueError):
         parse_version("mqttv31")
+
+
+# -- against the real broker: TLS, and QUIC with a verified certificate ---------------------------
+
+def _tls_broker_config(pki: PKI) -> dict[str, Any]:
+    tls = {"enabled": True, "bind": "127.0.0.1", "port": 0, "certfile": str(pki.server_cert),
+           "keyfile": str(pki.server_key)}
+    quic = {"bind": "127.0.0.1", "port": 0, "certfile": str(pki.server_cert),
+            "keyfile": str(pki.server_key)}
+    return {"listeners": {"tls": tls, "quic": quic}}
+
+
+@pytest.mark.shoal_only
+def test_tls_and_verified_quic(make_broker: Callable[..., Broker], pki: PKI, uid: str) -> None:
+    b = make_broker(_tls_broker_config(pki))
+
+    async def main() -> None:
+        ctx = ssl.create_default_context(cafile=str(pki.ca))
+        t = await MQTTClient.connect_tcp(b.host, b.ports["tls"], ssl_context=ctx, client_id=uid + "t")
+        q = await MQTTClient.connect_quic(b.host, b.ports["quic"], insecure=False,
+                                          cafile=str(pki.ca), client_id=uid + "q")
+        await q.subscribe([(uid, 1)])
+        await t.publish(uid, b"over tls to verified quic", qos=1)
+        msg = await asyncio.wait_for(q.messages.get(), 10)
+        assert msg is not None and msg.payload == b"over tls to verified quic"
+        await t.disconnect()
+        await q.disconnect()
+    asyncio.run(main())
+
+
+@pytest.mark.shoal_only
+def test_quic_refuses_a_certificate_its_ca_did_not_sign(broker: Broker, pki: PKI) -> None:
+    # the module broker presents its generated self-signed certificate, not one from pki.ca
+    async def main() -> None:
+        with pytest.raises(QuicConnectError):
+            await MQTTClient.connect_quic(broker.host, broker.ports["quic"], insecure=False,
+                                          cafile=str(pki.ca), client_id="x", timeout=10)
+    asyncio.run(main())
