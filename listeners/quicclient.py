@@ -47,6 +47,14 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_IDLE_TIMEOUT = 60.0
 
 
+# Write-side back-pressure per stream, on bytes written and not yet acknowledged by the peer
+# (aioquic buffers without bound): pause the protocol above 256 KiB, resume below 64 KiB, as
+# asyncio's own transports default to and as the server's QUIC streams do. A publisher flat out
+# over a slow path then waits instead of growing the buffer.
+WRITE_HIGH_WATER = 256 * 1024
+WRITE_LOW_WATER = 64 * 1024
+
+
 class QuicConnectError(ConnectionError):
     """The QUIC handshake failed or timed out."""
 
@@ -79,6 +87,9 @@ class QuicStream:
         self.protocol: asyncio.Protocol | None = None
         self._pending: list[bytes] = []  # data that arrived before a protocol was attached
         self._eof = False  # the peer finished its side
+        self._write_paused = False
+        self._high = WRITE_HIGH_WATER
+        self._low = WRITE_LOW_WATER
         self._closing = False  # we finished our side (or the connection went away)
         self._lost = False
 
@@ -104,6 +115,11 @@ class QuicStream:
         if self._closing or self._lost:
             return
         self.client._send(self.stream_id, bytes(data), end_stream=False)
+        if not self._write_paused and self.get_write_buffer_size() > self._high:
+            self._write_paused = True
+            self.client._paused.add(self)
+            if self.protocol is not None:
+                self.protocol.pause_writing()
 
     def writelines(self, chunks: Any) -> None:
         self.write(b"".join(chunks))
@@ -148,10 +164,27 @@ class QuicStream:
         pass
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        pass
+        if high is not None:
+            self._high = high
+        self._low = low if low is not None else min(self._low, self._high // 4)
 
     def get_write_buffer_size(self) -> int:
-        return 0
+        """Bytes written and not yet acknowledged (reads aioquic's sender buffer: the pinned
+        version's private attributes, as listeners/quic.py does)."""
+        stream = self.client.quic._streams.get(self.stream_id)
+        if stream is None:
+            return 0
+        sender = stream.sender
+        return int(sender._buffer_stop - sender._buffer_start)
+
+    def _maybe_resume(self) -> bool:
+        """Resume a paused protocol once the peer acknowledged enough. True if resumed."""
+        if self._write_paused and (self._lost or self.get_write_buffer_size() <= self._low):
+            self._write_paused = False
+            if self.protocol is not None and not self._lost:
+                self.protocol.resume_writing()
+            return True
+        return False
 
     # -- events from the connection ----------------------------------------------------
 
@@ -174,6 +207,8 @@ class QuicStream:
             return
         self._lost = True
         self._closing = True
+        self._write_paused = False
+        self.client._paused.discard(self)
         if self.protocol is not None:
             self.protocol.connection_lost(exc)
 
@@ -199,6 +234,7 @@ class QuicStreamClient:
         self._close_exc: Exception | None = None
         self.rebinds = 0  # how many times the local socket was swapped
         self.on_stream: Any = None  # optional callback(QuicStream) for server-initiated streams
+        self._paused: set[QuicStream] = set()  # streams whose protocol we paused
 
     @property
     def remote_addr(self) -> tuple[Any, ...]:
@@ -317,6 +353,9 @@ class QuicStreamClient:
         self.quic.receive_datagram(data, addr[:2], now=self.loop.time())
         self._process_events()
         self._transmit()
+        if self._paused:  # acknowledgements may have drained a paused stream's buffer
+            for stream in [st for st in self._paused if st._maybe_resume()]:
+                self._paused.discard(stream)
 
     def _on_timer(self) -> None:
         self._timer = None

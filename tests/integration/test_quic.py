@@ -225,6 +225,45 @@ def test_ending_the_control_stream_ends_the_connection(broker: Broker, loop_name
     run(loop_name, main)
 
 
+def test_quic_stream_pauses_and_resumes_the_writer(broker: Broker, loop_name: str, uid: str) -> None:
+    """listeners.quicclient's back-pressure: a burst beyond the high-water mark pauses the
+    protocol; the broker's acknowledgements resume it; everything arrives."""
+    from listeners.quicclient import WRITE_HIGH_WATER, QuicStreamClient
+    from shards.protocol.codec import encode, encode_publish
+    from shards.protocol.packets import Connect
+
+    class Recorder(asyncio.Protocol):
+        def __init__(self) -> None:
+            self.events: list[str] = []
+            self.resumed = asyncio.Event()
+
+        def pause_writing(self) -> None:
+            self.events.append("pause")
+
+        def resume_writing(self) -> None:
+            self.events.append("resume")
+            self.resumed.set()
+
+    async def main() -> None:
+        watcher = await tcp(broker, uid + "w")
+        await watcher.subscribe([(f"{uid}/burst", 0)])
+        q = await QuicStreamClient.connect(broker.host, broker.ports["quic"])
+        rec = Recorder()
+        stream = q.open_stream(rec)
+        stream.write(encode(Connect(client_id=uid + "b", protocol_level=4), 4))
+        n, size = 300, 4096
+        for i in range(n):
+            stream.write(encode_publish(f"{uid}/burst", b"%06d" % i + bytes(size), 0, False, False,
+                                        0, None, 4))
+        assert n * size > WRITE_HIGH_WATER and rec.events == ["pause"]
+        await asyncio.wait_for(rec.resumed.wait(), TIMEOUT)
+        got = [int((await get(watcher.messages)).payload[:6]) for _ in range(n)]
+        assert got == list(range(n)) and rec.events == ["pause", "resume"]
+        q.close()
+        await watcher.disconnect()
+    run(loop_name, main)
+
+
 def shoal(*args: str) -> list[str]:
     return [sys.executable, "-m", "shards.cli", *args]
 
