@@ -556,7 +556,8 @@ class Endpoint(asyncio.DatagramProtocol):
     def __init__(self, loop: asyncio.AbstractEventLoop, configuration: QuicConfiguration,
                  new_app: Callable[[ServerConnection], ConnectionApp], *, index: int = 0,
                  count: int = 1, max_data_streams: int = 10, retry: bool = False,
-                 forward: Callable[[int, bytes], None] | None = None) -> None:
+                 forward: Callable[[int, bytes], None] | None = None,
+                 max_live: int = 0) -> None:
         self.loop = loop
         self.configuration = configuration
         self.new_app = new_app
@@ -574,6 +575,9 @@ class Endpoint(asyncio.DatagramProtocol):
         self.forwarded = 0
         self.dropped = 0
         self.accepting = True
+        # QUIC connections (handshakes included) this endpoint holds at most: a flood of
+        # Initials must not grow state past what the connection limit would admit anyway
+        self.max_live = max_live
 
     # -- asyncio.DatagramProtocol ------------------------------------------------------
 
@@ -631,7 +635,7 @@ class Endpoint(asyncio.DatagramProtocol):
             self.dropped += 1  # an id nobody holds (a connection that ended): ignore
 
     def _accept(self, header: Any, data: bytes, addr: NetworkAddress) -> None:
-        if not self.accepting:
+        if not self.accepting or (self.max_live and len(self.live) >= self.max_live):
             self.dropped += 1
             return
         odcid = header.destination_cid

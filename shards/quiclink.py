@@ -249,6 +249,11 @@ class MqttOverQuic(ConnectionApp):
         return DataStream(link)
 
 
+def _min_limit(*limits: int) -> int:
+    set_ = [n for n in limits if n > 0]
+    return min(set_) if set_ else 0
+
+
 class QuicServer:
     """What the worker keeps of a QUIC listener: close() stops accepting new connections
     (the shutdown order then disconnects the existing ones like any other link)."""
@@ -274,7 +279,8 @@ async def serve_quic(worker: Worker, sock: Any) -> QuicServer:
         index, count = host.index, host.workers
     endpoint = Endpoint(worker.loop, configuration, lambda conn: MqttOverQuic(worker, conn),
                         index=index, count=count, max_data_streams=table.max_data_streams,
-                        retry=table.retry)
+                        retry=table.retry,
+                        max_live=_min_limit(cfg.limits.max_connections, table.max_connections))
     if isinstance(host, RouterHost) and count > 1 and table.steering != "off":
         # a datagram the kernel gave to the wrong shard goes to the owner of its id
         endpoint.forward = host.send_datagram

@@ -244,3 +244,46 @@ def test_connection_limit_closes_the_extra_quic_connection(make_broker: Callable
         await q1.aclose()
     run(main)
     assert "listeners.quic.max_connections" in b.log()
+
+
+def _will_subscriber(b: Broker, uid: str) -> RawClient:
+    sub = RawClient(b.host, b.port)
+    sub.send(rc.connect(uid + "w", version=V5))
+    sub.expect(rc.CONNACK)
+    sub.send(rc.subscribe(1, [(f"{uid}/will", 0)], version=V5))
+    sub.expect(rc.SUBACK)
+    return sub
+
+
+def test_will_of_a_quic_client_that_closes_without_disconnect(broker: Broker, uid: str) -> None:
+    with _will_subscriber(broker, uid) as sub:
+        async def main() -> None:
+            q, _ = await connected(broker, uid, will=(f"{uid}/will", b"gone"))
+            await q.aclose()  # QUIC CONNECTION_CLOSE, no MQTT DISCONNECT
+        run(main)
+        p = rc.parse_publish(sub.expect(rc.PUBLISH), V5)
+        assert (p.topic, p.payload) == (f"{uid}/will", b"gone")
+
+
+class _Void:
+    def sendto(self, data: bytes, addr: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_will_of_a_quic_client_that_vanishes(make_broker: Callable[..., Broker], uid: str) -> None:
+    """No packet at all any more (the phone left coverage): the QUIC idle timeout ends the
+    connection and the will goes out."""
+    b = make_broker({"listeners": {"quic": {"idle_timeout": 1.0}}})
+    with _will_subscriber(b, uid) as sub:
+        async def main() -> None:
+            q, _ = await connected(b, uid, will=(f"{uid}/will", b"vanished"))
+            assert q.protocol is not None
+            q.protocol._transport.close()  # the socket is gone: nothing more is sent
+            q.protocol._transport = _Void()
+            await q.aclose()  # its CONNECTION_CLOSE goes nowhere
+        run(main)
+        p = rc.parse_publish(sub.expect(rc.PUBLISH, timeout=10.0), V5)
+        assert p.payload == b"vanished"
