@@ -284,8 +284,8 @@ class QuicStreamClient:
         try:
             sock.bind((bind_host, 0))
             sock.setblocking(False)
-            # Not connect()ed: a rebinding test may want the old socket to keep receiving
-            # until it is closed, and an unconnected socket works with any relay address.
+            # Not connect()ed: QUIC itself checks where datagrams come from (a server may
+            # answer from a preferred address), and rebind() closes the old socket anyway.
             _, proto = await self.loop.create_datagram_endpoint(lambda: _Datagrams(self), sock=sock)
         except BaseException:
             sock.close()
