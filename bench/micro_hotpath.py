@@ -34,6 +34,7 @@ class Link:
         self.congested = False
         self.peer = "bench"
         self.disconnected_cleanly = False
+        self.peer_username: str | None = None
         self.shard = shard
 
     def wake(self) -> None:

@@ -35,8 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from router.framing import CONTROL, FrameDecoder, decode_control, encode_control, encode_frame
+from router.counters import HostCounters
 from router.shm import ShmTopicIndex
 from shards.listening import bind_listeners
+from shards.security import Flapping
 
 log = logging.getLogger("shoal.router")
 
@@ -114,6 +116,14 @@ class Router:
         self.started = loop.time()
         self.mismatches: list[str] = []
         self._claims = 0
+        # connections open per shard and listener, shared with the shards (router/counters.py)
+        self.counters: HostCounters | None = None
+        self.counters_fd = -1
+        auth = cfg.auth
+        # flapping is counted here, over every shard's disconnects
+        self.flapping = (Flapping(auth.flapping_max_count, auth.flapping_window,
+                                  auth.flapping_ban_time, auth.flapping_max_tracked)
+                         if auth.flapping_max_count else None)
 
     # -- life cycle ---------------------------------------------------------------
 
@@ -149,11 +159,16 @@ class Router:
             self.index.close()
             self.index.unlink()
             self.index = None
+        if self.counters is not None:
+            self.counters.close()
+            os.close(self.counters_fd)
+            self.counters = None
         log.info("router stopped; shared memory unlinked")
 
     # -- the listening socket groups -------------------------------------------------
 
     def _make_listeners(self, n: int) -> None:
+        self.counters, self.counters_fd = HostCounters.create(n)
         self.listeners = bind_listeners(self.cfg, n)
         for name, host, port, socks in self.listeners:
             log.info("%s listener %s:%d: %d sockets in one SO_REUSEPORT group", name, host, port,
@@ -218,12 +233,16 @@ class Router:
         slot.last_hb = self.loop.time()
         slot.ready = False
         slot.gone_at = None
+        # the previous incarnation's connections died with it
+        assert self.counters is not None
+        self.counters.reset(k)
         welcome = {
             "op": "welcome", "workers": self.workers, "tag": self.tag,
             "listeners": [{"name": name, "host": host, "port": port}
                           for name, host, port, _ in self.listeners],
+            "counters": True,  # the last descriptor is the connection counters' memfd
         }
-        fds = [socks[k].fileno() for _, _, _, socks in self.listeners]
+        fds = [socks[k].fileno() for _, _, _, socks in self.listeners] + [self.counters_fd]
         conn.setblocking(True)
         socket.send_fds(conn, [encode_frame(CONTROL, encode_control(welcome))], fds)
         conn.setblocking(False)
@@ -247,6 +266,15 @@ class Router:
         op = msg.get("op")
         if op == "subs":
             self._apply_subs(slot, msg)
+        elif op == "disconnected":
+            flapping = self.flapping
+            if flapping is not None and flapping.disconnected(msg["cid"], self.loop.time()):
+                log.warning("client %r banned on every shard for %.3gs: %d disconnects within "
+                            "%.3gs", msg["cid"], flapping.ban_time, flapping.max_count,
+                            flapping.window)
+                ban = {"op": "flapping", "cid": msg["cid"], "for": flapping.ban_time}
+                for other in self.slots.values():
+                    self._send(other, ban)
         elif op == "claim":
             cid = msg["cid"]
             prev = self.registry.get(cid, -1)
@@ -340,6 +368,8 @@ class Router:
         if self.stopping.is_set():
             return
         now = self.loop.time()
+        if self.flapping is not None:
+            self.flapping.prune(now)
         hung_after = self.cfg.runtime.hung_shard_timeout
         for slot in self.slots.values():
             if slot.protocol is not None and now - slot.last_hb > hung_after and slot.pid:

@@ -200,11 +200,12 @@ def _max_frame_key() -> Any:
 def _max_conn_key() -> Any:
     return _key(
         0,
-        """Most connections open at once on this listener across the host. With N shards each
-        shard admits ceil(max_connections / N) of them, so the limit is approximate: the kernel
-        spreads connections by hash, and one shard may refuse while another still has room.
-        An excess connection is closed as soon as it is accepted, before any byte is read
-        (on TLS and WSS, once the TLS handshake is done). 0 by default: the host-wide limits.max_connections already protects memory, and a
+        """Most connections open at once on this listener across the host: every shard counts
+        the connections of all shards (a table the router shares) before admitting one, so
+        the limit holds host-wide whichever shard the kernel picks; shards admitting at the
+        same instant may pass it by at most N - 1. An excess connection is closed as soon as
+        it is accepted, before any byte is read (on TLS and WSS, once the TLS handshake is
+        done; on QUIC, when it opens its first stream, with close code 2). 0 by default: the host-wide limits.max_connections already protects memory, and a
         per-listener cap is for sharing a host between transports (say, fewer WebSocket
         browsers than devices).""",
         lo=0, zero="no per-listener limit (limits.max_connections still applies)")
@@ -895,13 +896,13 @@ class LimitsConfig:
 
     max_connections: int = _key(
         100000,
-        """Most client connections open at once on the host, over every listener. With N
-        shards each admits ceil(max_connections / N), so the limit is approximate (the kernel
-        spreads connections by hash). An excess connection is closed as soon as it is accepted.
+        """Most client connections open at once on the host, over every listener, counted
+        host-wide as for the listeners' max_connections (at most N - 1 over when N shards
+        admit at the same instant). An excess connection is closed as soon as it is accepted.
         100,000 because memory is what it protects: an idle connection costs a shard about
-        7 kB of RSS (transport, protocol, session; measured by the flood test) plus the
+        2 kB of RSS (transport, protocol, session; 3,000 idle connections measured) plus the
         kernel's socket buffers (a few kB idle, up to the TCP buffer sizes busy), so 100,000
-        is about 1-2 GB, which a broker host has, while an unbounded count ends in the OOM
+        is about 0.5-2 GB, which a broker host has, while an unbounded count ends in the OOM
         killer taking every client down at once. Raise it with the memory (and
         RLIMIT_NOFILE) of a bigger host.""",
         lo=0, zero="unlimited")

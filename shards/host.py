@@ -40,6 +40,10 @@ class Host(Protocol):
     def claim_done(self, client_id: str) -> None:
         """The CONNECTs for ``client_id`` in progress here are all answered."""
 
+    def disconnected(self, client_id: str, now: float) -> bool:
+        """A connection of ``client_id`` ended (for flapping detection). False: count it
+        here (the shard's own Flapping); True: the host counts it host-wide and bans."""
+
     def adopted(self, client_id: str) -> None:
         """A session received from another shard is in place, index keys included."""
 
@@ -82,6 +86,9 @@ class LocalHost:
 
     def claim_done(self, client_id: str) -> None:
         pass
+
+    def disconnected(self, client_id: str, now: float) -> bool:
+        return False
 
     def adopted(self, client_id: str) -> None:
         pass

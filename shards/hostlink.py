@@ -34,6 +34,7 @@ from router.bus import Bus
 from router.framing import (
     CONTROL, DATAGRAM, FLAG_ACK, FLAG_RETAIN_ONLY, PUBLISH, FrameDecoder, decode_control, encode_control, encode_frame,
 )
+from router.counters import HostCounters
 from router.index import pick_shard
 from router.shm import ShmTopicIndex
 from shards.host import Claimed, Continue, IndexKey
@@ -61,11 +62,12 @@ MATCH_CACHE_MAX = 65536
 
 
 class Welcome:
-    def __init__(self, msg: dict[str, Any], sockets: list[socket.socket], ctl: socket.socket) -> None:
+    def __init__(self, msg: dict[str, Any], fds: list[int], ctl: socket.socket) -> None:
         self.workers: int = msg["workers"]
         self.tag: str = msg["tag"]
         self.listeners: list[dict[str, Any]] = msg["listeners"]
-        self.sockets = sockets
+        self.counters_fd = fds.pop() if msg.get("counters") and fds else -1
+        self.sockets = [socket.socket(fileno=fd) for fd in fds]
         self.control = ctl
 
 
@@ -100,7 +102,7 @@ def join_router(run_dir: str, index: int, workers: int, timeout: float = ROUTER_
     msg = decode_control(frame[1])
     s.settimeout(None)
     s.setblocking(False)
-    return Welcome(msg, [socket.socket(fileno=fd) for fd in fds], s)
+    return Welcome(msg, fds, s)
 
 
 class ControlClient(asyncio.Protocol):
@@ -135,6 +137,9 @@ class RouterHost:
         self.run_dir = run_dir
         self.shard: Shard | None = None
         self.topic_index = ShmTopicIndex.attach(welcome.tag)
+        # host-wide connection counts (None from a router that does not share them)
+        self.counters = (HostCounters.attach(welcome.counters_fd, welcome.workers)
+                         if welcome.counters_fd >= 0 else None)
         self.bus = Bus(index, run_dir, self.on_frame, on_peer=self._on_peer,
                        on_congestion=self._on_congestion)
         # QoS 1/2 frames the bus refused (peer backlog full), sent again when it drains:
@@ -235,6 +240,10 @@ class RouterHost:
                 self._takeover_request(peer, request, now)
         elif op == "sys":
             self.sys_stats = msg["stats"]
+        elif op == "flapping" and self.shard is not None:
+            flapping = self.shard.security.flapping
+            if flapping is not None:
+                flapping.ban(msg["cid"], now + float(msg["for"]))
         elif op == "disown" and self.shard is not None:
             for cid in msg["cids"]:
                 self.shard.disown(cid, now)
@@ -258,6 +267,13 @@ class RouterHost:
 
     def claim_done(self, client_id: str) -> None:
         self._my_claim.pop(client_id, None)
+
+    def disconnected(self, client_id: str, now: float) -> bool:
+        # the router counts every shard's disconnects of an id: a client that reconnects
+        # through the kernel's hash lands on another shard each time, and per-shard counts
+        # would need N times the disconnects to notice it
+        self._send({"op": "disconnected", "cid": client_id})
+        return True
 
     def released(self, client_id: str) -> None:
         self._send({"op": "release", "cid": client_id})

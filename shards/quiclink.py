@@ -249,9 +249,13 @@ class MqttOverQuic(ConnectionApp):
         return DataStream(link)
 
 
-def _min_limit(*limits: int) -> int:
+def _state_bound(*limits: int) -> int:
+    """QUIC connections a shard holds at most, handshakes and closing ones included: twice
+    the tightest connection limit plus some room, so that a connection over the limit still
+    completes its handshake and is told (close code 2), while a flood of Initials cannot
+    grow state without bound. 0: no limit is set, nothing to derive a bound from."""
     set_ = [n for n in limits if n > 0]
-    return min(set_) if set_ else 0
+    return 2 * min(set_) + 64 if set_ else 0
 
 
 class QuicServer:
@@ -280,7 +284,7 @@ async def serve_quic(worker: Worker, sock: Any) -> QuicServer:
     endpoint = Endpoint(worker.loop, configuration, lambda conn: MqttOverQuic(worker, conn),
                         index=index, count=count, max_data_streams=table.max_data_streams,
                         retry=table.retry,
-                        max_live=_min_limit(cfg.limits.max_connections, table.max_connections))
+                        max_live=_state_bound(cfg.limits.max_connections, table.max_connections))
     if isinstance(host, RouterHost) and count > 1 and table.steering != "off":
         # a datagram the kernel gave to the wrong shard goes to the owner of its id
         endpoint.forward = host.send_datagram

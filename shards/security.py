@@ -11,11 +11,10 @@ never runs on the loop:
 - password hashing goes through an ``offload(fn, then, now)`` port: inline in unit
   tests, a small thread pool in the worker (hashlib releases the GIL).
 
-Banned and flapping state is per shard: the banned file is read by every shard,
-so a ban written with ``shoal ban add`` reaches all of them; a flapping ban is
-decided and held by the shard that saw the disconnects (a client whose
-connections are spread over shards is counted on each). Routing flapping through
-the router would make it host-wide; that is left for later.
+Banned state is per shard: the banned file is read by every shard, so a ban
+written with ``shoal ban add`` reaches all of them. Flapping is counted host-wide
+under a router (every shard reports its disconnects; the router bans and tells every
+shard, see ``Flapping.ban``) and by the shard itself in a one-process broker.
 """
 
 from __future__ import annotations
@@ -467,6 +466,10 @@ class Flapping:
             return True
         _bounded_set(counts, client_id, (first, n), self.max_tracked)
         return False
+
+    def ban(self, client_id: str, until: float) -> None:
+        """A ban decided elsewhere (the router counts disconnects host-wide)."""
+        _bounded_set(self._bans, client_id, until, self.max_tracked)
 
     def prune(self, now: float) -> None:
         """Forget windows and bans that are over (the worker calls this from its tick)."""

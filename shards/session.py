@@ -84,6 +84,7 @@ class Inflight:
 
 
 Queued = tuple[Message, int, bool, tuple[int, ...]]
+_NO_IDS: frozenset[int] = frozenset()
 
 
 class Session:
@@ -101,9 +102,10 @@ class Session:
         self.link: Link | None = None
         self.subscriptions: dict[str, Subscription] = {}  # keyed by the filter as subscribed
         self.inflight: dict[int, Inflight] = {}
-        self.queue: deque[Queued] = deque()
+        # an empty tuple until something waits: an idle session's deque would be ~600 bytes
+        self.queue: deque[Queued] | tuple[()] = ()
         self.next_pid = 1
-        self.inbound_qos2: set[int] = set()
+        self.inbound_qos2: set[int] | frozenset[int] = _NO_IDS  # a set from the first one
         self.send_quota = cfg.max_inflight
         self.expiry_interval = 0
         self.expires_at: float | None = None
@@ -116,7 +118,7 @@ class Session:
         self.journal: Store | None = None
         # in-flight packet ids not yet re-sent after a reconnect: the client's new
         # Receive Maximum may be lower than what was in flight [MQTT-4.9.0-2]
-        self.unsent: deque[int] = deque()
+        self.unsent: deque[int] | tuple[()] = ()
         # who the connection that last attached is (authorization); None until one has
         self.principal: Principal | None = None
 
@@ -158,10 +160,13 @@ class Session:
         if qos == 0 and not self.cfg.queue_qos0:
             self.counters.dropped += 1
             return
-        if len(self.queue) >= self.cfg.max_queued_messages:
+        queue = self.queue
+        if len(queue) >= self.cfg.max_queued_messages:
             self.counters.dropped += 1
             return
-        self.queue.append((msg, qos, retain, sub_ids))
+        if not queue:
+            queue = self.queue = deque()
+        queue.append((msg, qos, retain, sub_ids))
         journal = self.journal
         if journal is not None and qos:
             journal.put(self.client_id, msg, 0, 0, qos, retain, sub_ids)
@@ -233,6 +238,8 @@ class Session:
                     msg.topic, msg.payload, 0, retain, 0, self._props(msg, sub_ids, now)):
                 self.counters.publish_sent += 1
             sent = True
+        if not queue:
+            self.queue = ()  # let the drained deque go
         if sent:
             link.wake()
 
@@ -275,6 +282,8 @@ class Session:
                 self.counters.expired += 1
                 if self.journal is not None:
                     self.journal.delete(self.client_id, item.msg)
+        if not unsent:
+            self.unsent = ()
         link.wake()
 
     # -- acknowledgements ---------------------------------------------------------
@@ -316,9 +325,22 @@ class Session:
             if qos:
                 journal.put(self.client_id, msg, 0, 0, qos, retain, sub_ids)
 
+    def hold_qos2(self, pid: int) -> None:
+        """An inbound QoS 2 PUBLISH routed and awaiting its PUBREL."""
+        held = self.inbound_qos2
+        if not held:
+            held = self.inbound_qos2 = set()
+        held.add(pid)  # type: ignore[union-attr]
+
+    def restore_queued(self, item: Queued) -> None:
+        """A queued message read back from the store or a takeover, in order."""
+        if not self.queue:
+            self.queue = deque()
+        self.queue.append(item)  # type: ignore[union-attr]
+
     def reset_for_clean_start(self) -> None:
-        self.unsent.clear()
+        self.unsent = ()
         self.inflight.clear()
-        self.queue.clear()
-        self.inbound_qos2.clear()
+        self.queue = ()
+        self.inbound_qos2 = _NO_IDS
         self.next_pid = 1

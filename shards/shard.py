@@ -23,7 +23,7 @@ from shards.config import MQTTConfig
 from shards.host import Host, IndexKey, LocalHost
 from shards.message import Message
 from shards.protocol.errors import ProtocolError, Reason
-from shards.protocol.connection import CONNECTING
+from shards.protocol.connection import CLOSED, CONNECTING
 from shards.protocol.packets import (
     AUTH, DISCONNECT, MQTT_5, MQTT_31, PINGREQ, PUBACK, PUBCOMP, PUBLISH, PUBREC, PUBREL,
     SUBSCRIBE, UNSUBSCRIBE, Connack, Connect, Disconnect, Packet, Pingresp, Prop, Properties,
@@ -340,7 +340,7 @@ class Shard:
         session.link = None
         link.session = None
         self.connected -= 1
-        if self.security.flapping is not None:
+        if self.security.flapping is not None and not self.host.disconnected(session.client_id, now):
             self.security.disconnected(session.client_id, now)
         if link.disconnected_cleanly:
             session.will = None
@@ -616,7 +616,7 @@ class Shard:
             self._publish_denied(link, session, p, v5)
             return
         if qos == 2:
-            session.inbound_qos2.add(p.packet_id)
+            session.hold_qos2(p.packet_id)
             self._changed(session)
         msg = Message.from_publish(topic, p.payload, qos, p.retain, props, session.client_id, now,
                                    next(self._msg_ids))
@@ -653,7 +653,7 @@ class Shard:
         # said, and withholding it would make the client resend forever. As EMQX does by
         # default, the message is acknowledged and dropped; QoS 2 completes its exchange.
         if p.qos == 2:
-            session.inbound_qos2.add(p.packet_id)
+            session.hold_qos2(p.packet_id)
             self._changed(session)
         self._ack(link, p, Reason.SUCCESS)
 
@@ -844,7 +844,9 @@ class Shard:
             session.expiry_interval = min(expiry, self.cfg.max_session_expiry_interval)
             self._set_journal(session)
         link.disconnected_cleanly = p.reason_code != Reason.DISCONNECT_WITH_WILL
-        link.conn.disconnect(Reason.SUCCESS)  # no reply on the wire: a client DISCONNECT is final
+        # no reply on the wire: after its DISCONNECT the client sends and expects nothing
+        # more [MQTT-3.14.4-1], and Mosquitto answers nothing either
+        link.conn.state = CLOSED
         self.end_link(link, now)
 
     # -- time ---------------------------------------------------------------------------

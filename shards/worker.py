@@ -38,6 +38,7 @@ from shards.protocol.connection import CLOSED, MQTTConnection
 from shards.protocol.errors import ProtocolError, Reason
 from shards.protocol.packets import PUBLISH
 from shards.hostlink import RouterHost, Welcome, join_router
+from router.counters import COLUMN, HostCounters
 from shards.limits import LogLimiter, TokenBucket, share
 from shards.acl import AclError
 from shards.security import Security
@@ -264,20 +265,27 @@ class Worker:
         self.servers: list[Any] = []  # asyncio servers and QUIC endpoints: close() stops accepting
         self.stopping = asyncio.Event()
         self.input_paused = False
-        self._setup_limits(host.workers if isinstance(host, RouterHost) else 1)
+        if isinstance(host, RouterHost):
+            self._setup_limits(host.workers, host.counters)
+        else:
+            self._setup_limits(1, None)
 
-    def _setup_limits(self, shards: int) -> None:
-        """Each shard enforces its share (ceil(L / N)) of the host-wide connection limits."""
+    def _setup_limits(self, shards: int, counts: HostCounters | None) -> None:
+        """Connection limits are host-wide: under a router every shard adds up the counts
+        all shards publish (``counts``, router/counters.py) before admitting one; without
+        them each of the ``shards`` shards keeps its share ceil(L / N)."""
         cfg = self.cfg
         now = self.loop.time()
-        self.max_connections = share(cfg.limits.max_connections, shards)
+        self.host_counts = counts
+        split = 1 if self.host_counts is not None else shards
+        self.max_connections = share(cfg.limits.max_connections, split)
         self.connections = 0
         self.listener_max: dict[str, int] = {}
         self.listener_connections: dict[str, int] = {}
         self.listener_rate: dict[str, TokenBucket] = {}
         for name in ("tcp", "tls", "ws", "wss", "quic"):
             table = getattr(cfg.listeners, name)
-            self.listener_max[name] = share(table.max_connections, shards)
+            self.listener_max[name] = share(table.max_connections, split)
             self.listener_connections[name] = 0
             if table.max_connection_rate > 0:
                 rate = table.max_connection_rate / shards
@@ -288,9 +296,14 @@ class Worker:
     def admit(self, listener: str) -> bool:
         """Count a new connection in, or refuse it (and count the refusal)."""
         cap = self.listener_max[listener]
-        count = self.listener_connections[listener]
+        counts = self.host_counts
+        if counts is None:
+            total, count = self.connections, self.listener_connections[listener]
+        else:
+            total = counts.total(0) if self.max_connections else 0
+            count = counts.total(COLUMN[listener]) if cap else 0
         why = None
-        if self.max_connections and self.connections >= self.max_connections:
+        if self.max_connections and total >= self.max_connections:
             why = "limits.max_connections"
         elif cap and count >= cap:
             why = f"listeners.{listener}.max_connections"
@@ -300,7 +313,11 @@ class Worker:
                 why = f"listeners.{listener}.max_connection_rate"
         if why is None:
             self.connections += 1
-            self.listener_connections[listener] = count + 1
+            self.listener_connections[listener] += 1
+            if counts is not None:
+                k = self.shard.index
+                counts.add(k, 0, 1)
+                counts.add(k, COLUMN[listener], 1)
             return True
         self.shard.counters.connections_refused += 1
         held = self._refusal_log.allow(self.loop.time())
@@ -312,6 +329,11 @@ class Worker:
     def release(self, listener: str) -> None:
         self.connections -= 1
         self.listener_connections[listener] -= 1
+        counts = self.host_counts
+        if counts is not None:
+            k = self.shard.index
+            counts.add(k, 0, -1)
+            counts.add(k, COLUMN[listener], -1)
 
     def note_throttled(self, link: ClientProtocol) -> None:
         self.shard.counters.clients_throttled += 1

@@ -74,12 +74,14 @@ class MQTTConnection:
         self.reader = FrameReader(max_packet_size)
         self._out: list[bytes] = []
         self.receive_maximum = receive_maximum  # what we allow the client
-        self._pending_in: set[int] = set()
+        # made on first use: most connections never need them, and an idle connection's
+        # memory is what a broker of many devices runs out of
+        self._pending_in: set[int] | None = None
         self.topic_alias_maximum = topic_alias_maximum  # what we allow the client
-        self._alias_in: dict[int, str] = {}
+        self._alias_in: dict[int, str] | None = None
         self.client_max_packet = MQTT_MAX_PACKET  # what the client allows us
         self.client_alias_max = 0
-        self._alias_out: dict[str, int] = {}
+        self._alias_out: dict[str, int] | None = None
         self.problem_info = True
         self.client_id = ""
         # PUBACK/PUBREC cells in PUBLISH order, while some of them wait [MQTT-4.6.0-2]
@@ -154,15 +156,19 @@ class MQTTConnection:
                     raise ProtocolError(Reason.TOPIC_ALIAS_INVALID,
                                         f"topic alias {alias} outside 1..{self.topic_alias_maximum}")
                 if packet.topic:
+                    if self._alias_in is None:
+                        self._alias_in = {}
                     self._alias_in[alias] = packet.topic
                 else:
-                    topic = self._alias_in.get(alias)
+                    topic = self._alias_in.get(alias) if self._alias_in is not None else None
                     if topic is None:
                         raise ProtocolError(Reason.PROTOCOL_ERROR, f"unknown topic alias {alias}")
                     packet.topic = topic
         if packet.qos:
             pid = packet.packet_id
             pending = self._pending_in
+            if pending is None:
+                pending = self._pending_in = set()
             if pid not in pending:
                 if len(pending) >= self.receive_maximum:
                     raise ProtocolError(Reason.RECEIVE_MAXIMUM_EXCEEDED,
@@ -191,7 +197,8 @@ class MQTTConnection:
             return
         ptype = packet.type
         if ptype == PUBACK or ptype == PUBCOMP or (ptype == PUBREC and packet.reason_code >= 0x80):  # type: ignore[attr-defined]
-            self._pending_in.discard(packet.packet_id)  # type: ignore[attr-defined]
+            if self._pending_in:
+                self._pending_in.discard(packet.packet_id)  # type: ignore[attr-defined]
         props = getattr(packet, "props", None)
         if props and not self.problem_info and ptype not in _PROBLEM_INFO_EXEMPT:
             packet.props = {k: v for k, v in props.items()  # type: ignore[attr-defined]
@@ -284,17 +291,20 @@ class MQTTConnection:
             data = encode_publish(topic, payload, qos, retain, dup, packet_id, props, version)
         else:
             extra: dict[int, Any] = dict(props) if props else {}
-            alias = self._alias_out.get(topic)
+            aliases = self._alias_out
+            if aliases is None:
+                aliases = self._alias_out = {}
+            alias = aliases.get(topic)
             if alias is not None:
                 extra[Prop.TOPIC_ALIAS] = alias
                 data = encode_publish("", payload, qos, retain, dup, packet_id, extra, version)
-            elif len(self._alias_out) < self.client_alias_max:
+            elif len(aliases) < self.client_alias_max:
                 # a new alias counts only once the packet that announces it is sent
-                alias = len(self._alias_out) + 1
+                alias = len(aliases) + 1
                 extra[Prop.TOPIC_ALIAS] = alias
                 data = encode_publish(topic, payload, qos, retain, dup, packet_id, extra, version)
                 if len(data) <= self.client_max_packet:
-                    self._alias_out[topic] = alias
+                    aliases[topic] = alias
             else:
                 data = encode_publish(topic, payload, qos, retain, dup, packet_id, props, version)
         if len(data) > self.client_max_packet:

@@ -23,9 +23,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.shoal_only]
 CONNECTIONS = 5000
 MESSAGES = 100
 DELIVERY_BOUND = 5.0  # seconds from publish to arrival, for every one of the 100 messages
-# Measured: a started broker is ~45 MB and an idle connection adds ~7 kB of RSS (transport,
+# Measured: a started broker is ~45-60 MB and an idle connection adds ~2 kB of RSS (transport,
 # protocol, connection state, session; the kernel's socket buffers are not in RSS), so 5,000
-# are ~80 MB. 300 MB leaves room for the flooder's bounded queues and the allocator's slack,
+# are ~10 MB more. 300 MB leaves room for the flooder's bounded queues and the allocator's slack,
 # and is far below what an unbounded buffer would take: the flooder alone writes over 1 GB.
 RSS_BOUND_MB = 300
 NEEDED_FDS = CONNECTIONS + 1000

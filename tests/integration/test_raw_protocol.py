@@ -670,3 +670,13 @@ def test_malformed_corpus(broker: Broker, uid: str, entry: dict[str, Any]) -> No
         else:
             _check_refused_connect(entry, data, reason, packets, strict)
     assert_healthy(broker, uid)
+
+
+def test_client_disconnect_gets_no_reply(broker: Broker, uid: str) -> None:
+    """After the client's DISCONNECT the server writes nothing and closes [MQTT-3.14.4]."""
+    for version in (4, 5):
+        with RawClient(broker.host, broker.port) as c:
+            c.send(connect(f"{uid}v{version}", version=version))
+            c.expect(CONNACK)
+            c.send(b"\xe0\x00")
+            assert c.read() is None

@@ -45,10 +45,10 @@ class QuicHost:
         self.quic = int(info["listeners"]["quic"]["port"])
 
 
-def _start(tmp: Path, steering: str) -> QuicHost:
+def _start(tmp: Path, steering: str, extra: str = "") -> QuicHost:
     if broker_kind() != "shoal":
         pytest.skip("supervisor.conf runs shoal only")
-    sv = make_supervised(tmp, SHARDS, quic=f'steering = "{steering}"\n')
+    sv = make_supervised(tmp, SHARDS, quic=f'steering = "{steering}"\n{extra}')
     try:
         info = sv.wait_ready()
         poll(lambda: len(sv.shard_pids()) == SHARDS, 30, "all shards running")
@@ -275,6 +275,35 @@ def test_steering_survives_a_shard_restart(tmp_path: Path) -> None:
                 assert await receive_batch(control, 0, BATCH, 10.0) == list(range(BATCH))
                 await q.aclose()
             for shard, (q, _) in subs.items():
+                await q.aclose()
+        run(main)
+    finally:
+        _finish(h)
+
+
+def test_retry_tokens_come_back_to_the_shard_that_made_them(tmp_path: Path) -> None:
+    """With Retry on, the token a shard hands out is validated by that same shard: the Retry
+    carries a connection id of the shard's own, and the client's next Initial is addressed
+    to it. No key is shared between shards."""
+    h = _start(tmp_path, "bpf", "retry = true\n")
+    tag = f"y{os.getpid()}"
+    try:
+        async def main() -> None:
+            seen: dict[int, tuple[RawQuic, RawStream]] = {}
+            n = 0
+            while len(seen) < SHARDS and n < 200:
+                n += 1
+                q, control, shard = await quic_subscriber(h, f"{tag}{n}", f"{tag}/t")
+                assert q.protocol is not None and q.protocol._quic._retry_count == 1
+                if shard in seen:
+                    await q.aclose()
+                else:
+                    seen[shard] = (q, control)
+            assert sorted(seen) == list(range(SHARDS))
+            with tcp_publisher(h, f"{tag}p") as pub:
+                publish_batch(pub, f"{tag}/t", 0, BATCH, 1)
+            for q, control in seen.values():
+                assert await receive_batch(control, 0, BATCH, 10.0) == list(range(BATCH))
                 await q.aclose()
         run(main)
     finally:

@@ -72,6 +72,7 @@ from pathlib import Path  # noqa: E402
 from shards.config import load_config  # noqa: E402
 from tests.harness import to_toml  # noqa: E402
 from shards.session import Counters  # noqa: E402
+from router.counters import HostCounters, size_for  # noqa: E402
 from shards.worker import Worker  # noqa: E402
 
 
@@ -83,14 +84,15 @@ class _Clock:
         return self.now
 
 
-def _stand_in(config: dict, shards: int) -> SimpleNamespace:
+def _stand_in(config: dict, shards: int, counts: HostCounters | None = None,
+              index: int = 0) -> SimpleNamespace:
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "shoal.toml"
         path.write_text(to_toml(config))
         cfg = load_config(path, env={})
     w = SimpleNamespace(cfg=cfg, loop=_Clock(),
-                        shard=SimpleNamespace(counters=Counters(), index=0))
-    Worker._setup_limits(w, shards)  # type: ignore[arg-type]
+                        shard=SimpleNamespace(counters=Counters(), index=index))
+    Worker._setup_limits(w, shards, counts)  # type: ignore[arg-type]
     return w
 
 
@@ -104,6 +106,19 @@ def test_host_limit_is_shared_over_shards() -> None:
     assert w.shard.counters.connections_refused == 1
     Worker.release(w, "tcp")  # type: ignore[arg-type]
     assert _admit(w)
+
+
+def test_host_limit_counted_over_every_shard_with_shared_counts() -> None:
+    # with the router's table every shard sees the host's total: 10 in all, however the
+    # kernel spread them (here 7 on one shard, 3 on the other)
+    counts = HostCounters(bytearray(size_for(2)), 2)
+    a = _stand_in({"limits": {"max_connections": 10}}, shards=2, counts=counts, index=0)
+    b = _stand_in({"limits": {"max_connections": 10}}, shards=2, counts=counts, index=1)
+    assert all(_admit(a) for _ in range(7))
+    assert [_admit(b) for _ in range(4)] == [True, True, True, False]
+    assert not _admit(a)
+    Worker.release(a, "tcp")  # type: ignore[arg-type]
+    assert _admit(b) and not _admit(a)
 
 
 def test_listener_limit_counts_only_its_listener() -> None:

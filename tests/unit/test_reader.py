@@ -175,3 +175,31 @@ def test_frame_then_partial_then_rest() -> None:
     assert r.next_frame() is None
     r.feed(b[30:] + a)
     assert drain(r) == [(0x30, b"\x00\x01b" + b"2" * 50), (0x30, b"\x00\x01a1")]
+
+
+def test_a_stream_that_never_drains_keeps_few_chunks() -> None:
+    # every read ends inside a packet, so the buffer is never empty: used-up chunks must
+    # still be let go of
+    r = FrameReader()
+    packet = b"\x30\x0a\x00\x03a/b" + b"x" * 5  # 12 bytes
+    stream = packet * 5000
+    got = 0
+    for i in range(0, len(stream), 7):
+        r.feed(stream[i:i + 7])
+        while r.next_frame() is not None:
+            got += 1
+        assert len(r._chunks) - r._first <= 3 and len(r._chunks) <= 40
+    assert got == 5000
+
+
+def test_a_big_packet_in_one_byte_reads_is_linear() -> None:
+    # 200,000 one-byte chunks joined once: quadratic chunk removal would take minutes
+    body = bytes(range(256)) * 781 + b"\x00" * 64  # 200,000 bytes
+    data = b"\x30" + bytes([0x80 | (len(body) & 0x7F), 0x80 | ((len(body) >> 7) & 0x7F),
+                            len(body) >> 14]) + body
+    r = FrameReader(len(data))
+    for i in range(len(data)):
+        r.feed(data[i:i + 1])
+    frame = r.next_frame()
+    assert frame is not None and bytes(frame[1]) == body and r.buffered() == 0
+    assert r._chunks == [] and r._first == 0
