@@ -317,8 +317,199 @@ def register_bench(sub: Any) -> None:
     p.set_defaults(handler=_run_bench)
 
 
+# -- shoal pub / shoal sub ---------------------------------------------------------------------
+
+# Default ports per transport, as mosquitto_pub/sub and EMQX use them.
+_DEFAULT_PORTS = {"tcp": 1883, "tls": 8883, "quic": 14567}
+
+
+def _client_options(p: argparse.ArgumentParser) -> None:
+    """The connection flags shoal pub and shoal sub share (mosquitto_pub/sub spellings)."""
+    p.add_argument("--help", action="help", help="show this help and exit")
+    p.add_argument("-h", "--host", default="localhost", help="broker host (default localhost)")
+    p.add_argument("-p", "--port", type=int, default=0,
+                   help="broker port (default 1883, 8883 with --tls, 14567 with --quic)")
+    p.add_argument("-i", "--id", dest="client_id", default="", help="client id (default: the "
+                   "broker assigns one)")
+    p.add_argument("-V", "--protocol-version", dest="version", default="mqttv311",
+                   help="mqttv311 (or 311) or mqttv5 (or 5)")
+    p.add_argument("-k", "--keepalive", type=int, default=60, help="keepalive seconds (default 60)")
+    p.add_argument("-c", "--disable-clean-session", dest="clean", action="store_false",
+                   help="keep the session: clean session / clean start off")
+    p.add_argument("-q", "--qos", type=int, choices=(0, 1, 2), default=0, help="QoS (default 0)")
+    p.add_argument("-u", "--username", default=None)
+    p.add_argument("-P", "--pw", dest="password", default=None)
+    p.add_argument("--quic", action="store_true",
+                   help="MQTT over QUIC (UDP, TLS 1.3, ALPN mqtt; certificate not verified "
+                        "unless --cafile is given)")
+    p.add_argument("--tls", action="store_true", help="MQTT over TLS (TCP)")
+    p.add_argument("--cafile", default=None, help="CA file: verify the broker's certificate")
+    p.add_argument("--insecure", action="store_true",
+                   help="TLS: do not verify the broker's certificate or host name")
+    p.add_argument("--bind-address", default=None, help="local address to send from")
+    p.add_argument("-d", "--debug", action="store_true",
+                   help="print connection events (connected, subscribed, rebound) to stderr")
+
+
+async def _client_connect(args: argparse.Namespace) -> Any:
+    mqttclient = importlib.import_module("shards.mqttclient")
+    version = mqttclient.parse_version(args.version)
+    kind = "quic" if args.quic else "tls" if (args.tls or args.cafile) else "tcp"
+    port = args.port or _DEFAULT_PORTS[kind]
+    kwargs = dict(client_id=args.client_id, version=version, keepalive=args.keepalive,
+                  clean_start=args.clean, username=args.username, password=args.password)
+    if kind == "quic":
+        client = await mqttclient.MQTTClient.connect_quic(
+            args.host, port, insecure=not args.cafile, cafile=args.cafile,
+            local_host=args.bind_address, **kwargs)
+    else:
+        ctx = None
+        if kind == "tls":
+            import ssl
+            ctx = ssl.create_default_context(cafile=args.cafile)
+            if args.insecure:
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+        client = await mqttclient.MQTTClient.connect_tcp(args.host, port, ssl_context=ctx,
+                                                         local_host=args.bind_address, **kwargs)
+    if args.debug:
+        print(f"connected ({kind}) to {args.host}:{port}", file=sys.stderr, flush=True)
+    return client
+
+
+def _run_client(args: argparse.Namespace, coro_fn: Callable[[argparse.Namespace], Any]) -> int:
+    import asyncio
+
+    mqttclient = importlib.import_module("shards.mqttclient")
+    try:
+        return int(asyncio.run(coro_fn(args)))
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except (mqttclient.MQTTError, OSError, asyncio.TimeoutError, ValueError) as e:
+        print(f"shoal {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+async def _pub(args: argparse.Namespace) -> int:
+    if args.null_message:
+        payloads: Any = [b""]
+    elif args.stdin_lines:
+        payloads = (line.rstrip(b"\n") for line in sys.stdin.buffer)
+    elif args.message is not None:
+        payloads = [args.message.encode()]
+    else:
+        print("shoal pub: give -m MESSAGE, -n or -l", file=sys.stderr)
+        return EXIT_USAGE
+    client = await _client_connect(args)
+    try:
+        for _ in range(max(1, args.repeat)):
+            for payload in payloads:
+                code = await client.publish(args.topic, payload, qos=args.qos, retain=args.retain)
+                if code >= 0x80:
+                    print(f"shoal pub: publish refused: reason 0x{code:02X}", file=sys.stderr)
+                    return 1
+                if args.repeat_delay:
+                    import asyncio
+                    await asyncio.sleep(args.repeat_delay)  # pacing a publisher, not a sync
+    finally:
+        await client.disconnect()
+    return EXIT_OK
+
+
+async def _sub(args: argparse.Namespace) -> int:
+    import asyncio
+
+    client = await _client_connect(args)
+    codes = await client.subscribe([(t, args.qos) for t in args.topic])
+    if any(c >= 0x80 for c in codes):
+        print(f"shoal sub: subscription refused: {codes}", file=sys.stderr)
+        await client.disconnect()
+        return 1
+    if args.debug:
+        print(f"subscribed {args.topic} granted {codes}", file=sys.stderr, flush=True)
+    loop = asyncio.get_running_loop()
+    received = 0
+    window = 0
+    started = loop.time()
+    next_tick = started + 1.0
+    next_rebind = started + args.rebind_after if args.rebind_after > 0 else None
+    out = sys.stdout
+    try:
+        while args.count <= 0 or received < args.count:
+            now = loop.time()
+            deadlines = [next_tick] if args.stats else []
+            if next_rebind is not None:
+                deadlines.append(next_rebind)
+            wait = max(0.0, min(deadlines) - now) if deadlines else None
+            try:
+                msg = await asyncio.wait_for(client.messages.get(), wait)
+            except asyncio.TimeoutError:
+                msg = None
+            if msg is None and not client.is_connected():
+                print("shoal sub: connection lost", file=sys.stderr, flush=True)
+                return 1
+            now = loop.time()
+            if msg is not None:
+                received += 1
+                window += 1
+                if not args.stats:
+                    payload = msg.payload.decode(errors="replace")
+                    out.write(f"{msg.topic} {payload}\n" if args.verbose else payload + "\n")
+                    out.flush()
+            if args.stats and now >= next_tick:
+                out.write(f"{now - started:6.1f}s {window:6d} msg/s  total {received}\n")
+                out.flush()
+                window = 0
+                next_tick += 1.0
+            if next_rebind is not None and now >= next_rebind:
+                next_rebind = now + args.rebind_after
+                if client.quic is not None:
+                    addr = await client.quic.rebind(args.bind_address)
+                    if args.debug:
+                        print(f"rebound to {addr[0]}:{addr[1]}", file=sys.stderr, flush=True)
+    finally:
+        if client.is_connected():
+            await client.disconnect()
+    return EXIT_OK
+
+
+def register_pub(sub: Any) -> None:
+    p = sub.add_parser("pub", help="publish a message (mosquitto_pub flags; --quic for QUIC)",
+                       add_help=False,
+                       description="Publish one message (-m), an empty one (-n) or one per "
+                                   "stdin line (-l) to TOPIC, over TCP, TLS or QUIC.")
+    _client_options(p)
+    p.add_argument("-t", "--topic", required=True)
+    p.add_argument("-m", "--message", default=None)
+    p.add_argument("-n", "--null-message", action="store_true", help="send an empty payload")
+    p.add_argument("-l", "--stdin-line", dest="stdin_lines", action="store_true",
+                   help="send each line of stdin as a message")
+    p.add_argument("-r", "--retain", action="store_true")
+    p.add_argument("--repeat", type=int, default=1, help="publish the message(s) this many times")
+    p.add_argument("--repeat-delay", type=float, default=0.0, metavar="SECONDS",
+                   help="wait between repeats")
+    p.set_defaults(handler=lambda a: _run_client(a, _pub))
+
+
+def register_sub(sub: Any) -> None:
+    p = sub.add_parser("sub", help="subscribe and print messages (mosquitto_sub flags; --quic)",
+                       add_help=False,
+                       description="Subscribe to TOPIC(s) and print each message's payload "
+                                   "(-v: topic and payload) over TCP, TLS or QUIC.")
+    _client_options(p)
+    p.add_argument("-t", "--topic", action="append", required=True, help="repeatable")
+    p.add_argument("-C", "--count", type=int, default=0, help="exit after this many messages")
+    p.add_argument("-v", "--verbose", action="store_true", help="print the topic too")
+    p.add_argument("--stats", action="store_true",
+                   help="print a per-second receive rate instead of the messages")
+    p.add_argument("--rebind-after", type=float, default=0.0, metavar="SECONDS",
+                   help="QUIC: move to a new local UDP port every SECONDS while receiving "
+                        "(a client address change; the connection must survive it)")
+    p.set_defaults(handler=lambda a: _run_client(a, _sub))
+
+
 COMMANDS: list[Callable[[Any], None]] = [register_broker, register_config, register_user,
-                                         register_ban, register_bench]
+                                         register_ban, register_bench, register_pub, register_sub]
 
 
 def build_parser() -> argparse.ArgumentParser:
