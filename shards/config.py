@@ -901,8 +901,8 @@ class AuthConfig:
         """Flapping detection: a client id that disconnects this many times within
         flapping_window is banned for flapping_ban_time. 0 (off) by default, as in EMQX, since
         a client stuck in a reconnect loop is usually a bug to fix rather than an attack;
-        15, EMQX's suggested value, is a good start when enabling it. Counted per shard: a
-        client whose connections land on several shards is counted on each.""",
+        15, EMQX's suggested value, is a good start when enabling it. Counted over the whole
+        host by the router, whichever shards the client's connections land on.""",
         lo=0, hi=_UINT16, zero="flapping detection is off")
     flapping_window: float = _key(
         60.0,
@@ -917,9 +917,9 @@ class AuthConfig:
         above=0.0, hi=86400.0 * 30, unit="seconds")
     flapping_max_tracked: int = _key(
         100000,
-        """Most client ids a shard tracks for flapping at once (counting or banned); beyond
-        it the oldest entries are forgotten. Bounds the memory a flood of made-up client ids
-        can take; 100,000 entries are a few tens of MB.""",
+        """Most client ids the router (and each shard) tracks for flapping at once (counting
+        or banned); beyond it the oldest entries are forgotten. Bounds the memory a flood of
+        made-up client ids can take; 100,000 entries are a few tens of MB.""",
         lo=1)
 
     def __post_init__(self) -> None:

@@ -143,22 +143,28 @@ def publish_batch(pub: RawClient, topic: str, start: int, n: int, pid0: int) -> 
         pub.expect(rc.PUBACK)
 
 
+async def on_every_shard(h: QuicHost, tag: str, topic: str) -> dict[int, tuple[RawQuic, RawStream]]:
+    """One QUIC subscriber to ``topic`` held by each shard. A new connection lands where
+    the client's first id points, so keep dialling until every shard holds one (4 shards:
+    a few dozen tries at most); the extra connections are closed."""
+    subs: dict[int, tuple[RawQuic, RawStream]] = {}
+    attempts = 0
+    while len(subs) < SHARDS and attempts < 200:
+        attempts += 1
+        q, control, shard = await quic_subscriber(h, f"{tag}{attempts}", topic)
+        if shard in subs:
+            await q.aclose()
+        else:
+            subs[shard] = (q, control)
+    assert sorted(subs) == list(range(SHARDS)), f"after {attempts} connections"
+    return subs
+
+
 def test_quic_clients_on_every_shard_route_across_shards(steered: QuicHost) -> None:
     tag = f"q{os.getpid()}"
 
     async def main() -> None:
-        subs: dict[int, tuple[RawQuic, RawStream]] = {}
-        attempts = 0
-        # new connections land where the client's first id hashes: keep dialling until
-        # every shard holds one (4 shards: a few dozen tries at most)
-        while len(subs) < SHARDS and attempts < 200:
-            attempts += 1
-            q, control, shard = await quic_subscriber(steered, f"{tag}s{attempts}", f"{tag}/all")
-            if shard in subs:
-                await q.aclose()
-            else:
-                subs[shard] = (q, control)
-        assert sorted(subs) == list(range(SHARDS)), f"after {attempts} connections"
+        subs = await on_every_shard(steered, f"{tag}s", f"{tag}/all")
         with tcp_publisher(steered, f"{tag}p") as pub:
             publish_batch(pub, f"{tag}/all", 0, BATCH, 1)
         for shard, (q, control) in subs.items():
@@ -227,15 +233,7 @@ def test_steering_survives_a_shard_restart(tmp_path: Path) -> None:
     tag = f"r{os.getpid()}"
     try:
         async def main() -> None:
-            subs: dict[int, tuple[RawQuic, RawStream]] = {}
-            n = 0
-            while len(subs) < SHARDS and n < 200:
-                n += 1
-                q, control, shard = await quic_subscriber(h, f"{tag}a{n}", f"{tag}/t")
-                if shard in subs:
-                    await q.aclose()
-                else:
-                    subs[shard] = (q, control)
+            subs = await on_every_shard(h, f"{tag}a", f"{tag}/t")
             victim = 1
 
             def pid_of(k: int) -> int | None:
@@ -289,17 +287,9 @@ def test_retry_tokens_come_back_to_the_shard_that_made_them(tmp_path: Path) -> N
     tag = f"y{os.getpid()}"
     try:
         async def main() -> None:
-            seen: dict[int, tuple[RawQuic, RawStream]] = {}
-            n = 0
-            while len(seen) < SHARDS and n < 200:
-                n += 1
-                q, control, shard = await quic_subscriber(h, f"{tag}{n}", f"{tag}/t")
+            seen = await on_every_shard(h, tag, f"{tag}/t")
+            for q, _ in seen.values():  # each went through a Retry first
                 assert q.protocol is not None and q.protocol._quic._retry_count == 1
-                if shard in seen:
-                    await q.aclose()
-                else:
-                    seen[shard] = (q, control)
-            assert sorted(seen) == list(range(SHARDS))
             with tcp_publisher(h, f"{tag}p") as pub:
                 publish_batch(pub, f"{tag}/t", 0, BATCH, 1)
             for q, control in seen.values():
