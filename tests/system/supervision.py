@@ -244,6 +244,8 @@ def make_supervised(here: Path, numprocs: int | None = None, start: bool = True,
     env["PYTHONUNBUFFERED"] = "1"
     # supervisor.conf runs `python3`; make that the interpreter running the tests.
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    # and this checkout's code, whichever checkout `pip install -e` last pointed at
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     sv = Supervised(here, conf, env)
     if start:
         sv.start()
