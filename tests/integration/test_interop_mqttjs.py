@@ -29,7 +29,7 @@ HAVE_MQTTJS = (NODE_DIR / "node_modules" / "mqtt" / "package.json").exists()
 needs_mqttjs = pytest.mark.skipif(
     not (NODE and HAVE_MQTTJS),
     reason=("node is not installed" if not NODE else
-            "MQTT.js is not installed: run `npm ci` in tests/interop/node"))
+            "MQTT.js is not installed: run scripts/install"))
 
 V5 = {"protocolVersion": 5}
 V311 = {"protocolVersion": 4}

@@ -31,7 +31,7 @@ HAVE_QUICHE = (NODE_DIR / "node_modules" / "@matrixai" / "quic" / "package.json"
 pytestmark.append(pytest.mark.skipif(
     not (NODE and HAVE_QUICHE),
     reason="node is not installed" if not NODE else
-    "@matrixai/quic is not installed: run scripts/install (npm ci in tests/interop/node)"))
+    "@matrixai/quic is not installed: run scripts/install"))
 
 COUNT = 20
 TIMEOUT = 30.0

@@ -34,7 +34,7 @@ NODE_DIR = Path(__file__).resolve().parent.parent / "interop" / "node"
 NODE = shutil.which("node")
 needs_mqttjs = pytest.mark.skipif(
     not (NODE and (NODE_DIR / "node_modules" / "mqtt" / "package.json").exists()),
-    reason="node or MQTT.js (npm ci in tests/interop/node) is missing")
+    reason="node or MQTT.js (scripts/install) is missing")
 needs_mosquitto_clients = pytest.mark.skipif(
     not shutil.which("mosquitto_pub"), reason="mosquitto clients are not installed")
 
