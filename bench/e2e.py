@@ -196,6 +196,10 @@ async def measure(broker: Broker, plan: Plan, warmup: float, duration: float, *,
 # the whole comparison
 
 
+# the groups --only picks from: the flat-out and latency runs; shoal-2's same/cross shard
+SCENARIO_GROUPS = ("standard", "placement")
+
+
 def backlog_per_publisher(args, publishers: int) -> int:
     """QoS 0 flat out: a total budget of messages in flight, split over the publishers (at
     least two write batches each), so 50 publishers do not queue 5x what 10 do."""
@@ -272,7 +276,7 @@ async def run_broker(name: str, args, log) -> tuple[list[dict], dict]:
         broker.start(broker_cpus)
         broker.mark_logs()
         # a fresh broker: every counter is 0 until its first $SYS publish
-        for plan in scenarios(args):
+        for plan in (scenarios(args) if "standard" in args.only else []):
             if not broker.alive():
                 info["problems"].append(f"broker died before {plan.name}")
                 break
@@ -288,7 +292,7 @@ async def run_broker(name: str, args, log) -> tuple[list[dict], dict]:
                 r["broker_counters"] = await counters.delta(r["sent"])
             rows.append(r)
             log("    " + short(r))
-        if getattr(broker, "shards", 1) == 2 and not args.no_placement:
+        if getattr(broker, "shards", 1) == 2 and not args.no_placement and "placement" in args.only:
             for qos in (0, 1):
                 for same in (True, False):
                     label = "same shard" if same else "cross shard"
@@ -576,7 +580,7 @@ async def calibrate(args, log) -> list[dict]:
     sink.start(sink_cpus)
     rows = []
     try:
-        for plan in scenarios(args):
+        for plan in (scenarios(args) if "standard" in args.only else []):
             if plan.rate is not None or (args.quick and plan.name.startswith("1:1")):
                 continue  # --quick: 1:1 costs the generator what fan-in does
             log(f"  sink: {plan.name} ...")
@@ -687,10 +691,16 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench.e2e",
                     help="pairs in the shoal-2 same/cross shard runs")
     ap.add_argument("--no-placement", action="store_true", help="skip same/cross shard runs")
     ap.add_argument("--no-calibrate", action="store_true", help="skip the generator check")
+    ap.add_argument("--only", default=",".join(SCENARIO_GROUPS),
+                    help="comma-separated scenario groups to run: "
+                         f"{', '.join(SCENARIO_GROUPS)} (default all)")
     ap.add_argument("--png", nargs="?", const=True, default=None, metavar="FILE",
                     help="bar chart of msg/s per scenario and broker (matplotlib); default "
                          "file bench/results/e2e-<date>-<time>.png")
     args = ap.parse_args(argv)
+    args.only = {g.strip() for g in args.only.split(",") if g.strip()}
+    if args.only - set(SCENARIO_GROUPS):
+        ap.error(f"unknown scenario group(s): {', '.join(sorted(args.only - set(SCENARIO_GROUPS)))}")
     # drain: QoS 0 loss is declared only after the subscribers got nothing for this long
     # (shoal has been seen to deliver in bursts a second or more apart under overload)
     args.idle = 3.0
