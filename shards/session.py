@@ -19,7 +19,8 @@ from collections import deque
 from typing import TYPE_CHECKING, Protocol
 
 from shards.message import Message
-from shards.protocol.packets import MQTT_5, Prop, Properties, Pubrel, Will
+from shards.protocol.codec import expiry_entry, splice_properties, subscription_ids_entries
+from shards.protocol.packets import MQTT_5, Pubrel, Will
 
 if TYPE_CHECKING:
     from shards.acl import Principal
@@ -142,7 +143,7 @@ class Session:
                 return
             props = self._props(msg, sub_ids, now)
             if link.conn.send_publish(msg.topic, msg.payload, 0, retain, 0, props, False,
-                                      msg.encoded if props is msg.props else None):
+                                      msg.encoded if props is None or props is msg.wire else None):
                 self.counters.publish_sent += 1
             else:
                 self.counters.dropped += 1
@@ -172,7 +173,7 @@ class Session:
         journal = self.journal
         props = self._props(msg, sub_ids, now)
         if link.conn.send_publish(msg.topic, msg.payload, qos, retain, pid, props, False,
-                                  msg.encoded if props is msg.props else None):
+                                  msg.encoded if props is None or props is msg.wire else None):
             self.inflight[pid] = Inflight(msg, qos, retain, sub_ids)
             self.counters.publish_sent += 1
             if journal is not None:
@@ -191,19 +192,20 @@ class Session:
         self.next_pid = pid + 1 if pid < 65535 else 1
         return pid
 
-    def _props(self, msg: Message, sub_ids: tuple[int, ...], now: float) -> Properties | None:
+    def _props(self, msg: Message, sub_ids: tuple[int, ...], now: float) -> bytes | None:
+        """This delivery's encoded property block: the message's own block (the same
+        object for every delivery, so a fan-out can share one encoding), or a copy with
+        the Subscription Identifiers and the remaining expiry spliced in front."""
         if self.version != MQTT_5:
             return None
-        props = msg.props
+        block = msg.props_block()
         if not sub_ids and msg.expires_at is None:
-            return props
-        out: Properties = dict(props) if props else {}
-        if sub_ids:
-            out[Prop.SUBSCRIPTION_IDENTIFIER] = list(sub_ids)
+            return block
+        entries = subscription_ids_entries(sub_ids) if sub_ids else b""
         remaining = msg.remaining_expiry(now)
         if remaining is not None:
-            out[Prop.MESSAGE_EXPIRY_INTERVAL] = remaining
-        return out
+            entries += expiry_entry(remaining)
+        return splice_properties(block, entries)
 
     def drain(self, now: float) -> None:
         """Send queued messages while there is flow-control credit."""

@@ -619,7 +619,7 @@ class Shard:
             session.inbound_qos2.add(p.packet_id)
             self._changed(session)
         msg = Message.from_publish(topic, p.payload, qos, p.retain, props, session.client_id, now,
-                                   next(self._msg_ids))
+                                   next(self._msg_ids), p.wire)
         reached = self.route(msg, now)
         if qos:
             reason = Reason.SUCCESS if reached or not v5 else Reason.NO_MATCHING_SUBSCRIBERS

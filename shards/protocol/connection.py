@@ -27,10 +27,10 @@ place that turns it into a CONNACK (before the session exists) or a DISCONNECT
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
 
 from shards.protocol.codec import (
-    connect_protocol_level, decode, encode, encode_properties, encode_publish,
+    connect_protocol_level, decode, encode, encode_properties, encode_publish, splice_properties,
+    topic_alias_entry,
 )
 from shards.protocol.errors import ProtocolError, Reason
 from shards.protocol.packets import (
@@ -223,7 +223,7 @@ class MQTTConnection:
             self.send(packet)
 
     def send_publish(self, topic: str, payload: bytes, qos: int, retain: bool, packet_id: int,
-                     props: Properties | None, dup: bool = False,
+                     props: bytes | Properties | None, dup: bool = False,
                      shared: dict[tuple[int, int, bool, bool], tuple[bytes, bytes | None]] | None = None,
                      ) -> bool:
         """Encode one delivery. False if it exceeds the client's maximum packet size
@@ -233,10 +233,15 @@ class MQTTConnection:
         writes the same bytes but for the packet id, so the packet is encoded once and
         queued as (head, packet id, tail) chunks that the flush joins anyway. Not used
         with outbound topic aliases, which differ per connection.
+
+        ``props`` is best an encoded property block (the broker's deliveries pass one);
+        a dict is encoded here.
         """
         if self.state != CONNECTED:
             return False
         version = self.version
+        if props.__class__ is dict:
+            props = encode_properties(props)  # type: ignore[arg-type]
         if shared is not None and not (version == MQTT_5 and self.client_alias_max):
             key = (version, qos, retain, dup)
             entry = shared.get(key)
@@ -246,7 +251,7 @@ class MQTTConnection:
                 if qos:
                     # fixed header, topic, then the packet id to patch per connection
                     at = len(data) - len(payload) - (
-                        len(encode_properties(props)) if version == MQTT_5 else 0) - 2
+                        (len(props) if props else 1) if version == MQTT_5 else 0) - 2  # type: ignore[arg-type]
                     entry = (data[:at], data[at + 2:])
                 else:
                     entry = (data, None)
@@ -269,15 +274,14 @@ class MQTTConnection:
         elif not self.client_alias_max:
             data = encode_publish(topic, payload, qos, retain, dup, packet_id, props, version)
         else:
-            extra: dict[int, Any] = dict(props) if props else {}
             alias = self._alias_out.get(topic)
             if alias is not None:
-                extra[Prop.TOPIC_ALIAS] = alias
+                extra = splice_properties(props, topic_alias_entry(alias))  # type: ignore[arg-type]
                 data = encode_publish("", payload, qos, retain, dup, packet_id, extra, version)
             elif len(self._alias_out) < self.client_alias_max:
                 # a new alias counts only once the packet that announces it is sent
                 alias = len(self._alias_out) + 1
-                extra[Prop.TOPIC_ALIAS] = alias
+                extra = splice_properties(props, topic_alias_entry(alias))  # type: ignore[arg-type]
                 data = encode_publish(topic, payload, qos, retain, dup, packet_id, extra, version)
                 if len(data) <= self.client_max_packet:
                     self._alias_out[topic] = alias
