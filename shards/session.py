@@ -141,7 +141,10 @@ class Session:
             if link.congested:
                 self.counters.dropped += 1
                 return
-            props = self._props(msg, sub_ids, now)
+            # no call for what has no per-delivery properties: MQTT 3.1.1, or nothing to add
+            props = None if self.version != MQTT_5 else (
+                msg.props_block() if not sub_ids and msg.expires_at is None
+                else self._props(msg, sub_ids, now))
             if link.conn.send_publish(msg.topic, msg.payload, 0, retain, 0, props, False,
                                       msg.encoded if props is None or props is msg.wire else None):
                 self.counters.publish_sent += 1

@@ -35,9 +35,13 @@ from shards.protocol.codec import (
 from shards.protocol.errors import ProtocolError, Reason
 from shards.protocol.packets import (
     AUTH, CONNACK, CONNECT, DISCONNECT, MQTT_5, MQTT_31, MQTT_311, PINGRESP, PUBACK, PUBCOMP, PUBLISH, PUBREC,
-    SUBACK, UNSUBACK, Connack, Connect, Disconnect, Packet, Prop, Properties, Publish,
+    SUBACK, UNSUBACK, Connack, Connect, Disconnect, Packet, Prop, Properties, Puback, Publish,
 )
 from shards.protocol.reader import FrameReader
+
+# PUBACK fast path: the fixed header and high byte of the packet id, then the low byte
+_PUBACK_HEADS = [bytes((0x40, 0x02, hi)) for hi in range(256)]
+_ONE_BYTE = [bytes((i,)) for i in range(256)]
 
 AWAIT_CONNECT = 0
 CONNECTING = 1
@@ -214,6 +218,16 @@ class MQTTConnection:
         acks = self._acks
         while acks and acks[0][0] is not None:
             self.send(acks.popleft()[0])  # type: ignore[arg-type]
+
+    def send_puback(self, packet_id: int) -> None:
+        """A success PUBACK without properties: the QoS 1 hot path. Its bytes are fixed
+        but for the id (v5 may omit reason 0 and empty properties [MQTT-3.4.2-1]), so no
+        Puback object is built and encoded; anything unusual takes the general path."""
+        if self._acks or self.state == CLOSED or self.client_max_packet < 4:
+            self.send_ack(Puback(packet_id))
+            return
+        self._pending_in.discard(packet_id)
+        self._out.append(_PUBACK_HEADS[packet_id >> 8] + _ONE_BYTE[packet_id & 0xFF])
 
     def send_ack(self, packet: Packet) -> None:
         """An ack decided now: behind any that wait, or straight out."""
