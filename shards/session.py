@@ -102,7 +102,9 @@ class Session:
         self.link: Link | None = None
         self.subscriptions: dict[str, Subscription] = {}  # keyed by the filter as subscribed
         self.inflight: dict[int, Inflight] = {}
-        self.queue: deque[Queued] = deque()
+        # an empty tuple until something is queued (see queue_for_append): most sessions
+        # never queue, and an empty deque is ~760 bytes of every idle connection
+        self.queue: deque[Queued] | tuple[()] = ()
         self.next_pid = 1
         self.inbound_qos2: set[int] = set()
         self.send_quota = cfg.max_inflight
@@ -167,10 +169,17 @@ class Session:
         if len(self.queue) >= self.cfg.max_queued_messages:
             self.counters.dropped += 1
             return
-        self.queue.append((msg, qos, retain, sub_ids))
+        self.queue_for_append().append((msg, qos, retain, sub_ids))
         journal = self.journal
         if journal is not None and qos:
             journal.put(self.client_id, msg, 0, 0, qos, retain, sub_ids)
+
+    def queue_for_append(self) -> deque[Queued]:
+        """The queue as a deque, made on first use."""
+        queue = self.queue
+        if queue.__class__ is tuple:
+            queue = self.queue = deque()
+        return queue  # type: ignore[return-value]
 
     def _send_new(self, link: Link, msg: Message, qos: int, retain: bool, sub_ids: tuple[int, ...],
                   now: float) -> None:
@@ -220,7 +229,7 @@ class Session:
         queue = self.queue
         sent = False
         while queue and len(self.inflight) < self.send_quota:
-            msg, qos, retain, sub_ids = queue.popleft()
+            msg, qos, retain, sub_ids = queue.popleft()  # type: ignore[union-attr]
             if msg.expired(now):
                 self.counters.expired += 1
                 if self.journal is not None and qos:
@@ -235,7 +244,7 @@ class Session:
             sent = True
         # QoS 0 messages queued behind exhausted credit need no credit themselves
         while queue and queue[0][1] == 0:
-            msg, qos, retain, sub_ids = queue.popleft()
+            msg, qos, retain, sub_ids = queue.popleft()  # type: ignore[union-attr]
             if not msg.expired(now) and link.conn.send_publish(
                     msg.topic, msg.payload, 0, retain, 0, self._props(msg, sub_ids, now)):
                 self.counters.publish_sent += 1
@@ -326,6 +335,6 @@ class Session:
     def reset_for_clean_start(self) -> None:
         self.unsent = ()
         self.inflight.clear()
-        self.queue.clear()
+        self.queue = ()
         self.inbound_qos2.clear()
         self.next_pid = 1

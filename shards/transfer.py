@@ -99,5 +99,5 @@ def session_from_dict(data: dict[str, Any], cfg: MQTTConfig, counters: Counters,
         item.released = released
         session.inflight[pid] = item
     for blob, qos, retain, sub_ids in data["queue"]:
-        session.queue.append((_unb64(blob, now), qos, retain, tuple(sub_ids)))
+        session.queue_for_append().append((_unb64(blob, now), qos, retain, tuple(sub_ids)))
     return session, subs
