@@ -39,6 +39,10 @@ class Message:
         # the block only, and is delivered without ever decoding it: decoding and
         # re-encoding properties cost more than the rest of the hop (bench/micro_forward).
         self._props: Properties | None = props or None
+        if wire is None and props:
+            # made here, once, so that every delivery reads an attribute rather than
+            # calling a method: most messages with properties come with their block
+            wire = encode_properties(props)
         self.wire: bytes | None = wire if wire and wire != _EMPTY_BLOCK else None
         self.expires_at = expires_at
         self.origin = origin  # publishing client id, for no-local
@@ -59,11 +63,8 @@ class Message:
         return props
 
     def props_block(self) -> bytes | None:
-        """The encoded property block, made once per message; None without properties."""
-        wire = self.wire
-        if wire is None and self._props:
-            wire = self.wire = encode_properties(self._props)
-        return wire
+        """The encoded property block (``wire``); None without properties."""
+        return self.wire
 
     @classmethod
     def from_publish(cls, topic: str, payload: bytes, qos: int, retain: bool, props: Properties,

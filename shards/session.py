@@ -147,7 +147,7 @@ class Session:
                 return
             # no call for what has no per-delivery properties: MQTT 3.1.1, or nothing to add
             props = None if self.version != MQTT_5 else (
-                msg.props_block() if not sub_ids and msg.expires_at is None
+                msg.wire if not sub_ids and msg.expires_at is None
                 else self._props(msg, sub_ids, now))
             if link.conn.send_publish(msg.topic, msg.payload, 0, retain, 0, props, False,
                                       msg.encoded if props is None or props is msg.wire else None):
@@ -212,7 +212,7 @@ class Session:
         the Subscription Identifiers and the remaining expiry spliced in front."""
         if self.version != MQTT_5:
             return None
-        block = msg.props_block()
+        block = msg.wire
         if not sub_ids and msg.expires_at is None:
             return block
         entries = subscription_ids_entries(sub_ids) if sub_ids else b""

@@ -254,12 +254,12 @@ class MQTTConnection:
         if self.state != CONNECTED:
             return False
         version = self.version
-        if props.__class__ is dict:
-            props = encode_properties(props)  # type: ignore[arg-type]
         if shared is not None and not (version == MQTT_5 and self.client_alias_max):
             key = (version, qos, retain, dup)
             entry = shared.get(key)
             if entry is None:
+                if props.__class__ is dict:
+                    props = encode_properties(props)  # type: ignore[arg-type]
                 data = encode_publish(topic, payload, qos, retain, dup, 1 if qos else 0,
                                       props if version == MQTT_5 else None, version)
                 if qos:
@@ -283,6 +283,8 @@ class MQTTConnection:
                 out.append(_PIDS[packet_id] if packet_id < 256 else packet_id.to_bytes(2, "big"))
                 out.append(tail)
             return True
+        if props.__class__ is dict:  # not per delivery of a fan-out: checked after its path
+            props = encode_properties(props)  # type: ignore[arg-type]
         if version != MQTT_5:
             data = encode_publish(topic, payload, qos, retain, dup, packet_id, None, version)
         elif not self.client_alias_max:
