@@ -1,6 +1,7 @@
 """Side-by-side end-to-end benchmark: Mosquitto, shoal with 1 shard, shoal with 2 shards.
 
     python -m bench.e2e [--duration 10] [--warmup 2] [--quick] [--brokers mosquitto,shoal-1,shoal-2]
+                        [--only standard,placement,storm,filters]
 
 For each broker it runs, through bench/loadgen.py (raw sockets, hand-encoded MQTT 3.1.1,
 batched writes, bulk parsing):
@@ -9,6 +10,9 @@ batched writes, bulk parsing):
    not yet delivered, split over the publishers, so queues and drain times stay bounded);
 2. 1:1 x50 pairs, QoS 0, each pair its own topic, flat out;
 3. fan-in 10->1, QoS 1, at most ``--window`` unacknowledged messages per publisher;
+0. first, on the fresh broker: a connection storm of 10k idle clients (connect rate, broker
+   CPU and RSS per connection, summed over every broker process);
+3b. 1:1 x50 QoS 0 while 100k other subscriptions (exact and wildcard) are in place;
 4. shoal-2 only: 1:1 x50 with every subscriber on its publisher's shard ("same shard") and
    with every subscriber on the other shard ("cross shard"), placed by mapping each client
    socket to the shard pid that accepted it (``ss -tnpH``); target cross <= 1.3x same in
@@ -196,6 +200,11 @@ async def measure(broker: Broker, plan: Plan, warmup: float, duration: float, *,
 # the whole comparison
 
 
+# the groups --only picks from: the flat-out and latency runs; shoal-2's same/cross shard;
+# the connection storm of idle clients; 1:1 pairs among many other subscriptions
+SCENARIO_GROUPS = ("standard", "placement", "storm", "filters")
+
+
 def backlog_per_publisher(args, publishers: int) -> int:
     """QoS 0 flat out: a total budget of messages in flight, split over the publishers (at
     least two write batches each), so 50 publishers do not queue 5x what 10 do."""
@@ -254,6 +263,204 @@ class SysCounters:
         return out
 
 
+def rss_kb(pids: list[int]) -> int:
+    """Resident set size summed over processes (router + shards for shoal-N), in KiB."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+                        break
+        except OSError:
+            pass
+    return total
+
+
+def raise_fd_limit() -> None:
+    """10k clients are 10k descriptors here and in the broker (which inherits the limit):
+    use the hard limit, as shards/process.py does."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+class _Idle(asyncio.Protocol):
+    """A client that connects, maybe subscribes, and then only holds its connection."""
+
+    def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.connack = loop.create_future()
+        self.subacks = 0
+        self.want_subacks = 0
+        self.subscribed = loop.create_future()
+        for fut in (self.connack, self.subscribed):
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self.buf = b""
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        self.transport = transport
+
+    def connection_lost(self, exc) -> None:  # type: ignore[override]
+        for fut in (self.connack, self.subscribed):
+            if not fut.done():
+                fut.set_exception(loadgen.ProtocolFailure("connection lost"))
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf + data
+        j = 0
+        n = len(buf)
+        while j + 2 <= n:
+            try:
+                length, k = loadgen.read_varint(buf, j + 1, n)
+            except Exception:
+                break  # the length is not all here yet
+            if k + length > n:
+                break
+            kind = buf[j] >> 4
+            if kind == 2 and not self.connack.done():
+                code = buf[k + 1] if length > 1 else 255
+                if code:
+                    self.connack.set_exception(loadgen.ProtocolFailure(f"CONNACK 0x{code:02x}"))
+                else:
+                    self.connack.set_result(None)
+            elif kind == 9:
+                if any(c >= 0x80 for c in buf[k + 2:k + length]):
+                    if not self.subscribed.done():
+                        self.subscribed.set_exception(loadgen.ProtocolFailure("SUBACK refused"))
+                self.subacks += 1
+                if self.subacks == self.want_subacks and not self.subscribed.done():
+                    self.subscribed.set_result(None)
+            j = k + length
+        self.buf = buf[j:]
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(loadgen.DISCONNECT)
+            self.transport.close()
+
+
+async def open_idle(host: str, port: int, n: int, prefix: str, concurrency: int = 100,
+                    keepalive: int = 600) -> tuple[list[_Idle], int, list[float]]:
+    """Connect ``n`` clients, at most ``concurrency`` handshakes at a time (the brokers'
+    listen backlogs are 100 or more, so none overflows and no SYN waits for a retransmit).
+    Returns the clients that got a CONNACK, the number that failed, and the time of each
+    CONNACK (perf_counter)."""
+    loop = asyncio.get_running_loop()
+    sem = asyncio.Semaphore(concurrency)
+    clients: list[_Idle] = []
+    times: list[float] = []
+    failed = 0
+
+    async def one(i: int) -> None:
+        nonlocal failed
+        async with sem:
+            c = _Idle()
+            try:
+                await loop.create_connection(lambda: c, host, port)
+                c.transport.write(loadgen.connect_packet(f"{prefix}{i}", keepalive=keepalive))  # type: ignore[union-attr]
+                await asyncio.wait_for(c.connack, 30)
+            except (OSError, asyncio.TimeoutError, loadgen.ProtocolFailure):
+                failed += 1
+                c.close()
+                return
+            times.append(time.perf_counter())
+            clients.append(c)
+
+    await asyncio.gather(*(one(i) for i in range(n)))
+    return clients, failed, times
+
+
+async def connection_storm(broker: Broker, n: int, broker_cpus: set[int]) -> dict:
+    """``n`` idle clients connect as fast as the broker takes them (100 handshakes in flight):
+    connect rate, broker CPU per connection, and resident memory per connection (RSS of every
+    broker process after the storm minus before, over the clients connected)."""
+    pids = broker.pids()
+    rss0 = rss_kb(pids)
+    cpu0, gen0 = broker.cpu(), loadgen.cpu_seconds()
+    t0 = time.perf_counter()
+    clients, failed, times = await open_idle(broker.host, broker.port, n,
+                                             f"storm{os.getpid()}-")
+    t1 = time.perf_counter()
+    cpu1, gen1 = broker.cpu(), loadgen.cpu_seconds()
+    # let the broker finish what the last CONNACKs started (allocations settle), then read
+    await asyncio.sleep(1.0)
+    rss1 = rss_kb(pids)
+    ok = len(clients)
+    for c in clients:
+        c.close()
+    elapsed = (max(times) if times else t1) - t0
+    return {
+        "broker": broker.name, "clients": n, "connected": ok, "failed": failed,
+        "elapsed_s": elapsed, "connects_per_s": ok / elapsed if elapsed > 0 else None,
+        "broker_us_per_connect": 1e6 * (cpu1 - cpu0) / ok if ok else None,
+        "gen_us_per_connect": 1e6 * (gen1 - gen0) / ok if ok else None,
+        "rss_before_kb": rss0, "rss_after_kb": rss1,
+        "kb_per_connection": (rss1 - rss0) / ok if ok else None,
+        "broker_alive": broker.alive(), "processes": len(pids),
+    }
+
+
+async def settle(broker: Broker, timeout: float = 15.0) -> None:
+    """Wait until the broker is nearly idle (under 5% of a core over 0.25 s), at most
+    ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        c0 = broker.cpu()
+        await asyncio.sleep(0.25)
+        if broker.cpu() - c0 < 0.0125:
+            return
+
+
+def noise_filters(n: int) -> list[str]:
+    """``n`` distinct filters, half exact and half with wildcards, none matching the pairs'
+    topics (bench/pair/<i>) but sharing their first level, so they sit in the same branch."""
+    return [f"bench/noise/{i}/x" if i % 2 else f"bench/noise/+/{i}/#" for i in range(n)]
+
+
+async def many_filters(broker: Broker, args, broker_cpus: set[int], shares: bool) -> dict:
+    """1:1 x50 QoS 0 flat out while ``args.filters`` other subscriptions (1,000 per idle
+    client, 100 per SUBSCRIBE) are in place: what a big subscription table costs a publish."""
+    n = args.filters
+    per_client = 1000
+    filters = noise_filters(n)
+    groups = [filters[k:k + per_client] for k in range(0, n, per_client)]
+    t0 = time.perf_counter()
+    clients, failed, _ = await open_idle(broker.host, broker.port, len(groups), f"noise{os.getpid()}-")
+    if failed:
+        for c in clients:
+            c.close()
+        raise RuntimeError(f"{failed} of {len(groups)} subscribing clients failed to connect")
+    try:
+        for c, group in zip(clients, groups):
+            chunks = [group[k:k + 100] for k in range(0, len(group), 100)]
+            c.want_subacks = len(chunks)
+            c.transport.write(b"".join(  # type: ignore[union-attr]
+                subscribe_many_packet(pid + 1, chunk) for pid, chunk in enumerate(chunks)))
+        await asyncio.wait_for(asyncio.gather(*(c.subscribed for c in clients)), 300)
+        subscribe_s = time.perf_counter() - t0
+        plan = pairs(50, name=f"1:1 x50 QoS 0, {n:,} other filters", qos=0, payload=64,
+                     backlog=backlog_per_publisher(args, 50))
+        r = await measure(broker, plan, args.warmup, args.duration, broker_cpus=broker_cpus,
+                          gen_shares=shares, idle=args.idle)
+    finally:
+        for c in clients:
+            c.close()
+    r["filters"] = n
+    r["subscribe_s"] = subscribe_s
+    return r
+
+
+def subscribe_many_packet(packet_id: int, filters: list[str], qos: int = 0) -> bytes:
+    """One MQTT 3.1.1 SUBSCRIBE carrying every filter of ``filters``."""
+    body = packet_id.to_bytes(2, "big") + b"".join(
+        len(f.encode()).to_bytes(2, "big") + f.encode() + bytes([qos]) for f in filters)
+    return bytes([0x82]) + loadgen.varint(len(body)) + body
+
+
 async def run_broker(name: str, args, log) -> tuple[list[dict], dict]:
     broker = make(name)
     all_cpus = set(range(os.cpu_count() or 1))
@@ -272,7 +479,21 @@ async def run_broker(name: str, args, log) -> tuple[list[dict], dict]:
         broker.start(broker_cpus)
         broker.mark_logs()
         # a fresh broker: every counter is 0 until its first $SYS publish
-        for plan in scenarios(args):
+        if "storm" in args.only and broker.alive():
+            # first, on a fresh broker: memory freed by earlier scenarios would be reused by
+            # the new connections and hide their cost
+            log(f"  {name}: connection storm, {args.storm_clients:,} idle clients ...")
+            try:
+                st = await connection_storm(broker, args.storm_clients, broker_cpus)
+                info["storm"] = st
+                log(f"    {st['connected']:,} connected ({st['failed']} failed) at "
+                    f"{fmt(st['connects_per_s'])}/s, {fmt(st['kb_per_connection'], '.2f')} KB RSS "
+                    f"each, {fmt(st['broker_us_per_connect'], '.0f')} µs broker CPU each")
+            except Exception as err:
+                info["problems"].append(f"connection storm: {type(err).__name__}: {err}")
+                log(f"    failed: {err!r}")
+            await settle(broker)  # closing 10k connections is work the next window must not see
+        for plan in (scenarios(args) if "standard" in args.only else []):
             if not broker.alive():
                 info["problems"].append(f"broker died before {plan.name}")
                 break
@@ -288,7 +509,7 @@ async def run_broker(name: str, args, log) -> tuple[list[dict], dict]:
                 r["broker_counters"] = await counters.delta(r["sent"])
             rows.append(r)
             log("    " + short(r))
-        if getattr(broker, "shards", 1) == 2 and not args.no_placement:
+        if getattr(broker, "shards", 1) == 2 and not args.no_placement and "placement" in args.only:
             for qos in (0, 1):
                 for same in (True, False):
                     label = "same shard" if same else "cross shard"
@@ -303,6 +524,17 @@ async def run_broker(name: str, args, log) -> tuple[list[dict], dict]:
                         r["broker_counters"] = await counters.delta(r["sent"])
                     rows.append(r)
                     log("    " + short(r))
+        if "filters" in args.only and broker.alive():
+            log(f"  {name}: 1:1 x50 QoS 0 with {args.filters:,} other filters ...")
+            try:
+                r = await many_filters(broker, args, broker_cpus, shares)
+                if counters is not None:
+                    r["broker_counters"] = await counters.delta(r["sent"])
+                rows.append(r)
+                log(f"    subscribed in {r['subscribe_s']:.1f} s; " + short(r))
+            except Exception as err:
+                info["problems"].append(f"many filters: {type(err).__name__}: {err}")
+                log(f"    failed: {err!r}")
     finally:
         info["log_during_run"] = broker.log_lines(since=broker.log_marks)
         sizes = broker.log_sizes()
@@ -467,6 +699,29 @@ def report(meta: dict, calib: list[dict], rows: list[dict], infos: list[dict]) -
                     ratio = c_us / s_us
                     w(f"- QoS {qos}: cross-shard / same-shard broker CPU per message "
                       f"**{ratio:.2f}×** (target ≤ 1.3×: {'met' if ratio <= 1.3 else 'NOT met'})")
+    storms = [i["storm"] for i in infos if i.get("storm")]
+    if storms:
+        w("")
+        w(f"## Connection storm ({storms[0]['clients']:,} idle clients, MQTT 3.1.1, "
+          "100 handshakes in flight)")
+        w("")
+        w("Connect rate from the first connection attempt to the last CONNACK; RSS is VmRSS of "
+          "every broker process (router + shards for shoal-N) 1 s after the last CONNACK minus "
+          "before the storm, over the clients connected.")
+        w("")
+        w("| broker | connected | failed | connects/s | ×mosq | broker µs/connect | "
+          "KB RSS per connection | ×mosq | RSS before → after (MB) |")
+        w("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+        mq = next((x for x in storms if x["broker"] == "mosquitto"), None)
+        for x in storms:
+            rr = x["connects_per_s"] / mq["connects_per_s"] if mq and mq["connects_per_s"] and \
+                x["connects_per_s"] else None
+            mr = x["kb_per_connection"] / mq["kb_per_connection"] if mq and \
+                mq["kb_per_connection"] and x["kb_per_connection"] is not None else None
+            w(f"| {x['broker']} | {x['connected']:,} | {x['failed']} | {fmt(x['connects_per_s'])} "
+              f"| {fmt(rr, '.2f')} | {fmt(x['broker_us_per_connect'], '.0f')} "
+              f"| {fmt(x['kb_per_connection'], '.2f')} | {fmt(mr, '.2f')} "
+              f"| {x['rss_before_kb'] / 1024:.1f} → {x['rss_after_kb'] / 1024:.1f} |")
     w("")
     w("## Broker processes and logs")
     w("")
@@ -576,7 +831,7 @@ async def calibrate(args, log) -> list[dict]:
     sink.start(sink_cpus)
     rows = []
     try:
-        for plan in scenarios(args):
+        for plan in (scenarios(args) if "standard" in args.only else []):
             if plan.rate is not None or (args.quick and plan.name.startswith("1:1")):
                 continue  # --quick: 1:1 costs the generator what fan-in does
             log(f"  sink: {plan.name} ...")
@@ -687,15 +942,31 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench.e2e",
                     help="pairs in the shoal-2 same/cross shard runs")
     ap.add_argument("--no-placement", action="store_true", help="skip same/cross shard runs")
     ap.add_argument("--no-calibrate", action="store_true", help="skip the generator check")
+    ap.add_argument("--storm-clients", type=int, default=None,
+                    help="idle clients in the connection storm (default 10000; 2000 with --quick)")
+    ap.add_argument("--filters", type=int, default=None,
+                    help="other subscriptions in the many-filters run (default 100000; "
+                         "10000 with --quick)")
+    ap.add_argument("--only", default=",".join(SCENARIO_GROUPS),
+                    help="comma-separated scenario groups to run: "
+                         f"{', '.join(SCENARIO_GROUPS)} (default all)")
     ap.add_argument("--png", nargs="?", const=True, default=None, metavar="FILE",
                     help="bar chart of msg/s per scenario and broker (matplotlib); default "
                          "file bench/results/e2e-<date>-<time>.png")
     args = ap.parse_args(argv)
+    args.only = {g.strip() for g in args.only.split(",") if g.strip()}
+    if args.only - set(SCENARIO_GROUPS):
+        ap.error(f"unknown scenario group(s): {', '.join(sorted(args.only - set(SCENARIO_GROUPS)))}")
     # drain: QoS 0 loss is declared only after the subscribers got nothing for this long
     # (shoal has been seen to deliver in bursts a second or more apart under overload)
     args.idle = 3.0
     if args.quick:
         args.duration, args.warmup = 3.0, 1.0
+    if args.storm_clients is None:
+        args.storm_clients = 2000 if args.quick else 10_000
+    if args.filters is None:
+        args.filters = 10_000 if args.quick else 100_000
+    raise_fd_limit()  # before any broker starts: they inherit it
     try:
         return loadgen.run_loop(main_async(args))
     except (asyncio.CancelledError, KeyboardInterrupt):

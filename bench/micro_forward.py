@@ -16,6 +16,7 @@ import time
 from bench.micro_hotpath import client
 from shards.config import MQTTConfig
 from shards.message import Message
+from shards.protocol.codec import encode_properties
 from shards.protocol.packets import Prop
 from shards.shard import Shard
 from shards.transfer import message_from_frame, message_to_bytes
@@ -25,7 +26,10 @@ def run(n: int, props: bool) -> tuple[float, float, float]:
     shard = Shard(MQTTConfig(max_inflight=65535, receive_maximum=65535), 1, 0.0)
     sub = client(shard, "s", ["bench/topic/x"], 0)
     p = {Prop.USER_PROPERTY: [("k", "v")], Prop.CONTENT_TYPE: "text/plain"} if props else None
-    msgs = [Message("bench/topic/x", b"x" * 64, 0, False, p, None, "pub", 0.0, i) for i in range(n)]
+    # as the publishing shard builds them: with the PUBLISH's property block as received
+    wire = encode_properties(p) if p else None
+    msgs = [Message.from_publish("bench/topic/x", b"x" * 64, 0, False, p or {}, "pub", 0.0, i, wire)
+            for i in range(n)]
     t0 = time.perf_counter()
     frames = [message_to_bytes(m) for m in msgs]
     t1 = time.perf_counter()

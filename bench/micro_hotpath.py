@@ -33,6 +33,7 @@ class Link:
         self.session: Session | None = None
         self.congested = False
         self.peer = "bench"
+        self.peer_username: str | None = None  # no mTLS certificate name
         self.disconnected_cleanly = False
         self.peer_username: str | None = None
         self.shard = shard

@@ -31,7 +31,8 @@ __all__ = [
     "HELLO", "PUBLISH", "CONTROL", "FRAME_HEADER_SIZE", "MAX_FRAME_SIZE", "BUS_VERSION",
     "FLAG_RETAIN_ONLY", "FLAG_SHARED", "BusProtocolError", "FrameDecoder", "Hello",
     "PublishFrame", "encode_frame", "frame_header", "pack_header", "encode_hello", "decode_hello",
-    "encode_publish", "decode_publish", "encode_control", "decode_control",
+    "encode_publish", "decode_publish", "decode_publish_fields", "PUBLISH_HEADER",
+    "encode_control", "decode_control",
 ]
 
 # Frame types. 0 is never sent, so a zeroed buffer cannot pass for a frame; 5..255 are free
@@ -276,6 +277,8 @@ def decode_hello(body: bytes | memoryview) -> Hello:
 
 _PUB = struct.Struct(">QdBBHHHI")
 _PUB_SIZE = _PUB.size
+# for a sender that packs the common frame itself (shards/transfer.py)
+PUBLISH_HEADER = _PUB
 _HAS_EXPIRY = 8
 
 
@@ -343,6 +346,14 @@ def encode_publish(msg_id: int, topic: str, payload: bytes, qos: int, retain: bo
 
 def decode_publish(body: bytes | memoryview) -> PublishFrame:
     """Parse a PUBLISH body. Raises only BusProtocolError."""
+    return PublishFrame(*decode_publish_fields(body))
+
+
+def decode_publish_fields(body: bytes | memoryview) -> tuple[
+        int, str, bytes, int, bool, str, float | None, bytes, int, str]:
+    """Parse a PUBLISH body into the fields of a PublishFrame, in its constructor's order,
+    without building one: the receiving shard builds its Message from them directly, so
+    the hop allocates one object per message, not two. Raises only BusProtocolError."""
     try:
         msg_id, expiry, bits, flags, tlen, olen, glen, plen = _PUB.unpack_from(body)
     except struct.error:
@@ -368,9 +379,8 @@ def decode_publish(body: bytes | memoryview) -> PublishFrame:
         group = head[b:c].decode() if glen else ""
     except UnicodeDecodeError:
         raise BusProtocolError("PUBLISH frame with invalid UTF-8") from None
-    return PublishFrame(msg_id, topic, payload, bits & 3, bool(bits & 4), origin,
-                        expiry if bits & _HAS_EXPIRY else None, head[c:d] if plen else b"",
-                        flags, group)
+    return (msg_id, topic, payload, bits & 3, bool(bits & 4), origin,
+            expiry if bits & _HAS_EXPIRY else None, head[c:d] if plen else b"", flags, group)
 
 
 # --------------------------------------------------------------------------------------------

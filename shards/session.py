@@ -19,7 +19,8 @@ from collections import deque
 from typing import TYPE_CHECKING, Protocol
 
 from shards.message import Message
-from shards.protocol.packets import MQTT_5, Prop, Properties, Pubrel, Will
+from shards.protocol.codec import expiry_entry, splice_properties, subscription_ids_entries
+from shards.protocol.packets import MQTT_5, Pubrel, Will
 
 if TYPE_CHECKING:
     from shards.acl import Principal
@@ -102,7 +103,8 @@ class Session:
         self.link: Link | None = None
         self.subscriptions: dict[str, Subscription] = {}  # keyed by the filter as subscribed
         self.inflight: dict[int, Inflight] = {}
-        # an empty tuple until something waits: an idle session's deque would be ~600 bytes
+        # an empty tuple until something is queued (see queue_for_append): most sessions
+        # never queue, and an empty deque is ~760 bytes of every idle connection
         self.queue: deque[Queued] | tuple[()] = ()
         self.next_pid = 1
         self.inbound_qos2: set[int] | frozenset[int] = _NO_IDS  # a set from the first one
@@ -117,7 +119,9 @@ class Session:
         # the durable store, for sessions that outlive their connection (expiry > 0)
         self.journal: Store | None = None
         # in-flight packet ids not yet re-sent after a reconnect: the client's new
-        # Receive Maximum may be lower than what was in flight [MQTT-4.9.0-2]
+        # Receive Maximum may be lower than what was in flight [MQTT-4.9.0-2]. An empty
+        # tuple until a resume needs the deque: an empty deque is ~760 bytes, a sixth of
+        # an idle connection's memory (bench/e2e connection storm)
         self.unsent: deque[int] | tuple[()] = ()
         # who the connection that last attached is (authorization); None until one has
         self.principal: Principal | None = None
@@ -142,9 +146,12 @@ class Session:
             if link.congested:
                 self.counters.dropped += 1
                 return
-            props = self._props(msg, sub_ids, now)
+            # no call for what has no per-delivery properties: MQTT 3.1.1, or nothing to add
+            props = None if self.version != MQTT_5 else (
+                msg.wire if not sub_ids and msg.expires_at is None
+                else self._props(msg, sub_ids, now))
             if link.conn.send_publish(msg.topic, msg.payload, 0, retain, 0, props, False,
-                                      msg.encoded if props is msg.props else None):
+                                      msg.encoded if props is None or props is msg.wire else None):
                 self.counters.publish_sent += 1
             else:
                 self.counters.dropped += 1
@@ -160,16 +167,20 @@ class Session:
         if qos == 0 and not self.cfg.queue_qos0:
             self.counters.dropped += 1
             return
-        queue = self.queue
-        if len(queue) >= self.cfg.max_queued_messages:
+        if len(self.queue) >= self.cfg.max_queued_messages:
             self.counters.dropped += 1
             return
-        if not queue:
-            queue = self.queue = deque()
-        queue.append((msg, qos, retain, sub_ids))
+        self.queue_for_append().append((msg, qos, retain, sub_ids))
         journal = self.journal
         if journal is not None and qos:
             journal.put(self.client_id, msg, 0, 0, qos, retain, sub_ids)
+
+    def queue_for_append(self) -> deque[Queued]:
+        """The queue as a deque, made on first use."""
+        queue = self.queue
+        if queue.__class__ is tuple:
+            queue = self.queue = deque()
+        return queue  # type: ignore[return-value]
 
     def _send_new(self, link: Link, msg: Message, qos: int, retain: bool, sub_ids: tuple[int, ...],
                   now: float) -> None:
@@ -177,7 +188,7 @@ class Session:
         journal = self.journal
         props = self._props(msg, sub_ids, now)
         if link.conn.send_publish(msg.topic, msg.payload, qos, retain, pid, props, False,
-                                  msg.encoded if props is msg.props else None):
+                                  msg.encoded if props is None or props is msg.wire else None):
             self.inflight[pid] = Inflight(msg, qos, retain, sub_ids)
             self.counters.publish_sent += 1
             if journal is not None:
@@ -196,19 +207,20 @@ class Session:
         self.next_pid = pid + 1 if pid < 65535 else 1
         return pid
 
-    def _props(self, msg: Message, sub_ids: tuple[int, ...], now: float) -> Properties | None:
+    def _props(self, msg: Message, sub_ids: tuple[int, ...], now: float) -> bytes | None:
+        """This delivery's encoded property block: the message's own block (the same
+        object for every delivery, so a fan-out can share one encoding), or a copy with
+        the Subscription Identifiers and the remaining expiry spliced in front."""
         if self.version != MQTT_5:
             return None
-        props = msg.props
+        block = msg.wire
         if not sub_ids and msg.expires_at is None:
-            return props
-        out: Properties = dict(props) if props else {}
-        if sub_ids:
-            out[Prop.SUBSCRIPTION_IDENTIFIER] = list(sub_ids)
+            return block
+        entries = subscription_ids_entries(sub_ids) if sub_ids else b""
         remaining = msg.remaining_expiry(now)
         if remaining is not None:
-            out[Prop.MESSAGE_EXPIRY_INTERVAL] = remaining
-        return out
+            entries += expiry_entry(remaining)
+        return splice_properties(block, entries)
 
     def drain(self, now: float) -> None:
         """Send queued messages while there is flow-control credit."""
@@ -218,7 +230,7 @@ class Session:
         queue = self.queue
         sent = False
         while queue and len(self.inflight) < self.send_quota:
-            msg, qos, retain, sub_ids = queue.popleft()
+            msg, qos, retain, sub_ids = queue.popleft()  # type: ignore[union-attr]
             if msg.expired(now):
                 self.counters.expired += 1
                 if self.journal is not None and qos:
@@ -233,7 +245,7 @@ class Session:
             sent = True
         # QoS 0 messages queued behind exhausted credit need no credit themselves
         while queue and queue[0][1] == 0:
-            msg, qos, retain, sub_ids = queue.popleft()
+            msg, qos, retain, sub_ids = queue.popleft()  # type: ignore[union-attr]
             if not msg.expired(now) and link.conn.send_publish(
                     msg.topic, msg.payload, 0, retain, 0, self._props(msg, sub_ids, now)):
                 self.counters.publish_sent += 1
@@ -267,7 +279,7 @@ class Session:
         unsent = self.unsent
         inflight = self.inflight
         while unsent and len(inflight) - len(unsent) < self.send_quota:
-            pid = unsent.popleft()
+            pid = unsent.popleft()  # type: ignore[union-attr]
             item = inflight.get(pid)
             if item is None:
                 continue
@@ -331,12 +343,6 @@ class Session:
         if not held:
             held = self.inbound_qos2 = set()
         held.add(pid)  # type: ignore[union-attr]
-
-    def restore_queued(self, item: Queued) -> None:
-        """A queued message read back from the store or a takeover, in order."""
-        if not self.queue:
-            self.queue = deque()
-        self.queue.append(item)  # type: ignore[union-attr]
 
     def reset_for_clean_start(self) -> None:
         self.unsent = ()

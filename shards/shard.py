@@ -760,14 +760,23 @@ class Shard:
         if qos == 2:
             session.hold_qos2(p.packet_id)
             self._changed(session)
-        msg = Message.from_publish(topic, p.payload, qos, p.retain, props, session.client_id, now,
-                                   next(self._msg_ids))
+        if props:
+            msg = Message.from_publish(topic, p.payload, qos, p.retain, props, session.client_id,
+                                       now, next(self._msg_ids), p.wire)
+        else:  # the common case, without from_publish's property handling
+            msg = Message(topic, p.payload, qos, p.retain, None, None, session.client_id, now,
+                          next(self._msg_ids))
         reached = self.route(msg, now)
         if qos:
             reason = Reason.SUCCESS if reached or not v5 else Reason.NO_MATCHING_SUBSCRIBERS
-            ack = Puback(p.packet_id, reason) if qos == 1 else Pubrec(p.packet_id, reason)
             conn = link.conn
-            if not self.host.awaiting(msg.id):
+            awaiting = self.host.awaiting(msg.id)
+            if qos == 1 and not reason and not awaiting:
+                conn.send_puback(p.packet_id)
+                link.wake()
+                return
+            ack = Puback(p.packet_id, reason) if qos == 1 else Pubrec(p.packet_id, reason)
+            if not awaiting:
                 conn.send_ack(ack)
                 link.wake()
                 return

@@ -239,7 +239,7 @@ class Store:
             msg.expires_at = self._mono(expires, now)
             ids = tuple(orjson.loads(sub_ids))
             if state == QUEUED:
-                session.restore_queued((msg, qos, bool(retain), ids))
+                session.queue_for_append().append((msg, qos, bool(retain), ids))
             else:
                 item = Inflight(msg, qos, bool(retain), ids)
                 item.released = state == RELEASED

@@ -11,29 +11,48 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from router.framing import decode_publish, encode_publish
+from router.framing import PUBLISH_HEADER, decode_publish_fields, encode_publish
 from shards.config import MQTTConfig
 from shards.message import Message
-from shards.protocol.codec import decode_properties, encode_properties
 from shards.protocol.packets import SubOptions
 from shards.session import Counters, Inflight, Session
 from shards.subs import Subscription
 
-_EMPTY = b"\x00"
+_pack_pub = PUBLISH_HEADER.pack
 
 
 def message_to_bytes(msg: Message, flags: int = 0, group: str = "") -> bytes:
-    props = encode_properties(msg.props) if msg.props else b""
-    return encode_publish(msg.id, msg.topic, msg.payload, msg.qos, msg.retain, msg.origin,
-                          msg.expires_at, props, flags, group)
+    if flags or group:
+        return encode_publish(msg.id, msg.topic, msg.payload, msg.qos, msg.retain, msg.origin,
+                              msg.expires_at, msg.props_block() or b"", flags, group)
+    # The plain forward, once per message and destination set: framing.encode_publish's
+    # layout packed here without its argument checks, which a Message has passed already
+    # (its qos and the lengths of what a decoded PUBLISH holds fit the header's fields).
+    # The property block travels as it is: the receiver splices it in without decoding.
+    t = msg.topic.encode()
+    o = msg.origin.encode()
+    props = msg.props_block()
+    expires_at = msg.expires_at
+    if expires_at is None:
+        head = _pack_pub(msg.id, 0.0, msg.qos | (4 if msg.retain else 0), 0, len(t), len(o), 0,
+                         len(props) if props else 0)
+    else:
+        head = _pack_pub(msg.id, expires_at, msg.qos | (12 if msg.retain else 8), 0, len(t),
+                         len(o), 0, len(props) if props else 0)
+    if props:
+        return b"".join((head, t, o, props, msg.payload))
+    return b"".join((head, t, o, msg.payload))
 
 
 def message_from_frame(body: bytes | memoryview, now: float) -> tuple[Message, int, str]:
-    """The message in a PUBLISH frame body, with the frame's flags and share group."""
-    f = decode_publish(body)
-    props = decode_properties(f.props) if f.props and f.props != _EMPTY else None
-    return Message(f.topic, f.payload, f.qos, f.retain, props, f.expires_at, f.origin, now,
-                   f.msg_id), f.flags, f.group
+    """The message in a PUBLISH frame body, with the frame's flags and share group.
+
+    The property block is kept encoded (``Message.wire``): deliveries splice it into
+    their PUBLISHes, and only a caller that reads ``Message.props`` pays for decoding it."""
+    msg_id, topic, payload, qos, retain, origin, expires_at, props, flags, group = \
+        decode_publish_fields(body)
+    return Message(topic, payload, qos, retain, None, expires_at, origin, now, msg_id,
+                   props or None), flags, group
 
 
 def _b64(msg: Message) -> str:
@@ -80,5 +99,5 @@ def session_from_dict(data: dict[str, Any], cfg: MQTTConfig, counters: Counters,
         item.released = released
         session.inflight[pid] = item
     for blob, qos, retain, sub_ids in data["queue"]:
-        session.restore_queued((_unb64(blob, now), qos, retain, tuple(sub_ids)))
+        session.queue_for_append().append((_unb64(blob, now), qos, retain, tuple(sub_ids)))
     return session, subs

@@ -305,12 +305,15 @@ def _frame(byte0: int, body: bytes) -> bytes:
 
 
 def encode_publish(topic: str, payload: bytes, qos: int, retain: bool, dup: bool, packet_id: int,
-                   props: Properties | None, version: int) -> bytes:
+                   props: Properties | bytes | None, version: int) -> bytes:
     """One PUBLISH on the wire. ``packet_id`` is ignored for QoS 0.
 
     Called for every delivery, so the fixed header, the topic length and (for
     QoS > 0) the packet id are packed by one struct call per case and the frame
-    is assembled with a single join.
+    is assembled with a single join. ``props`` is a dict, or an already-encoded
+    property block (length + properties, as :func:`encode_properties` makes it):
+    the broker passes blocks, so a message's properties are encoded once, not
+    once per delivery, and a forwarded message's block is spliced in unparsed.
     """
     t = topic.encode()
     tlen = len(t)
@@ -320,7 +323,10 @@ def encode_publish(topic: str, payload: bytes, qos: int, retain: bool, dup: bool
     if dup:
         byte0 |= 0x08
     if version == MQTT_5:
-        pb = _encode_props(props) if props else _EMPTY_PROPS
+        if props.__class__ is bytes:
+            pb = props
+        else:
+            pb = _encode_props(props) if props else _EMPTY_PROPS  # type: ignore[arg-type]
         rl = tlen + 2 + len(pb) + len(payload)
     else:
         pb = b""
@@ -511,12 +517,15 @@ def _decode_publish(byte0: int, body: Any, version: int) -> Publish:
     else:
         packet_id = 0
     props: Properties
+    wire = None
     if version == MQTT_5:
         if pos < end and body[pos] == 0:
             props = {}
             pos += 1
         else:
+            start = pos
             props, pos = _decode_props(body, pos, end, PUBLISH)
+            wire = body[start:pos] if is_bytes else bytes(body[start:pos])
     else:
         props = {}
     if topic:
@@ -524,8 +533,10 @@ def _decode_publish(byte0: int, body: Any, version: int) -> Publish:
             raise ProtocolError(Reason.TOPIC_NAME_INVALID, "wildcard in PUBLISH topic")  # [MQTT-3.3.2-2]
     elif version != MQTT_5 or Prop.TOPIC_ALIAS not in props:
         raise protocol_error("PUBLISH with an empty topic and no topic alias")  # [MQTT-4.7.3-1], 3.3.2.1
-    return Publish(topic, body[pos:] if is_bytes else bytes(body[pos:]), qos, bool(byte0 & 0x01),
-                   dup, packet_id, props)
+    p = Publish(topic, body[pos:] if is_bytes else bytes(body[pos:]), qos, bool(byte0 & 0x01),
+                dup, packet_id, props)
+    p.wire = wire
+    return p
 
 
 def _check_will_topic(topic: str) -> None:
@@ -849,3 +860,35 @@ def decode_properties(data: bytes | memoryview, ptype: int = PUBLISH) -> Propert
     if end != len(data):
         raise malformed("bytes after the properties")
     return props
+
+
+def splice_properties(block: bytes | None, entries: bytes) -> bytes:
+    """A property block with ``entries`` (encoded properties, no length) put in front.
+
+    How per-delivery properties (Subscription Identifier, Message Expiry Interval, Topic
+    Alias) join a message's block without decoding it: MQTT fixes no order between
+    properties, only among user properties [MQTT-3.3.2-18], and those stay as they were.
+    ``block`` None means the message has no properties.
+    """
+    if not block or block == _EMPTY_PROPS:
+        return _encode_varint(len(entries)) + entries
+    length, pos = _read_varint(block, 0, len(block))
+    return b"".join((_encode_varint(length + len(entries)), entries, block[pos:]))
+
+
+def subscription_ids_entries(ids: tuple[int, ...] | list[int]) -> bytes:
+    """Subscription Identifier properties, one per id, for :func:`splice_properties`."""
+    head = _ONE_BYTE[Prop.SUBSCRIPTION_IDENTIFIER]
+    if len(ids) == 1:
+        return head + _encode_varint(ids[0])
+    return b"".join(head + _encode_varint(i) for i in ids)
+
+
+def expiry_entry(seconds: int) -> bytes:
+    """A Message Expiry Interval property, for :func:`splice_properties`."""
+    return b"\x02" + _pack_u32(seconds)
+
+
+def topic_alias_entry(alias: int) -> bytes:
+    """A Topic Alias property, for :func:`splice_properties`."""
+    return b"\x23" + _pack_u16(alias)

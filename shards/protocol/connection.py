@@ -39,14 +39,19 @@ from collections.abc import Callable
 from typing import Any
 
 from shards.protocol.codec import (
-    connect_protocol_level, decode, encode, encode_properties, encode_publish,
+    connect_protocol_level, decode, encode, encode_properties, encode_publish, splice_properties,
+    topic_alias_entry,
 )
 from shards.protocol.errors import ProtocolError, Reason
 from shards.protocol.packets import (
     AUTH, CONNACK, Auth, CONNECT, DISCONNECT, MQTT_5, MQTT_31, MQTT_311, PINGRESP, PUBACK, PUBCOMP, PUBLISH, PUBREC,
-    SUBACK, UNSUBACK, Connack, Connect, Disconnect, Packet, Prop, Properties, Publish,
+    SUBACK, UNSUBACK, Connack, Connect, Disconnect, Packet, Prop, Properties, Puback, Publish,
 )
 from shards.protocol.reader import FrameReader
+
+# PUBACK fast path: the fixed header and high byte of the packet id, then the low byte
+_PUBACK_HEADS = [bytes((0x40, 0x02, hi)) for hi in range(256)]
+_ONE_BYTE = [bytes((i,)) for i in range(256)]
 
 AWAIT_CONNECT = 0
 CONNECTING = 1
@@ -270,6 +275,18 @@ class MQTTConnection:
             self.send(ready)
         self._out = current
 
+    def send_puback(self, packet_id: int) -> None:
+        """A success PUBACK without properties: the QoS 1 hot path. Its bytes are fixed
+        but for the id (v5 may omit reason 0 and empty properties [MQTT-3.4.2-1]), so no
+        Puback object is built and encoded; anything unusual takes the general path."""
+        if self._acks or self.state == CLOSED or self.client_max_packet < 4:
+            self.send_ack(Puback(packet_id))
+            return
+        pending = self._pending_in
+        if pending:
+            pending.discard(packet_id)
+        self._out.append(_PUBACK_HEADS[packet_id >> 8] + _ONE_BYTE[packet_id & 0xFF])
+
     def send_ack(self, packet: Packet) -> None:
         """An ack decided now: behind any that wait, or straight out."""
         if self._acks:
@@ -278,7 +295,7 @@ class MQTTConnection:
             self.send(packet)
 
     def send_publish(self, topic: str, payload: bytes, qos: int, retain: bool, packet_id: int,
-                     props: Properties | None, dup: bool = False,
+                     props: bytes | Properties | None, dup: bool = False,
                      shared: dict[tuple[int, int, bool, bool], tuple[bytes, bytes | None]] | None = None,
                      ) -> bool:
         """Encode one delivery. False if it exceeds the client's maximum packet size
@@ -288,6 +305,9 @@ class MQTTConnection:
         writes the same bytes but for the packet id, so the packet is encoded once and
         queued as (head, packet id, tail) chunks that the flush joins anyway. Not used
         with outbound topic aliases, which differ per connection.
+
+        ``props`` is best an encoded property block (the broker's deliveries pass one);
+        a dict is encoded here.
         """
         if self.state != CONNECTED:
             return False
@@ -298,12 +318,14 @@ class MQTTConnection:
             key = (version, qos, retain, dup)
             entry = shared.get(key)
             if entry is None:
+                if props.__class__ is dict:
+                    props = encode_properties(props)  # type: ignore[arg-type]
                 data = encode_publish(topic, payload, qos, retain, dup, 1 if qos else 0,
                                       props if version == MQTT_5 else None, version)
                 if qos:
                     # fixed header, topic, then the packet id to patch per connection
                     at = len(data) - len(payload) - (
-                        len(encode_properties(props)) if version == MQTT_5 else 0) - 2
+                        (len(props) if props else 1) if version == MQTT_5 else 0) - 2  # type: ignore[arg-type]
                     entry = (data[:at], data[at + 2:])
                 else:
                     entry = (data, None)
@@ -321,23 +343,24 @@ class MQTTConnection:
                 out.append(_PIDS[packet_id] if packet_id < 256 else packet_id.to_bytes(2, "big"))
                 out.append(tail)
             return True
+        if props.__class__ is dict:  # not per delivery of a fan-out: checked after its path
+            props = encode_properties(props)  # type: ignore[arg-type]
         if version != MQTT_5:
             data = encode_publish(topic, payload, qos, retain, dup, packet_id, None, version)
         elif not self.client_alias_max:
             data = encode_publish(topic, payload, qos, retain, dup, packet_id, props, version)
         else:
-            extra: dict[int, Any] = dict(props) if props else {}
             aliases = self._alias_out
             if aliases is None:
                 aliases = self._alias_out = {}
             alias = aliases.get(topic)
             if alias is not None:
-                extra[Prop.TOPIC_ALIAS] = alias
+                extra = splice_properties(props, topic_alias_entry(alias))  # type: ignore[arg-type]
                 data = encode_publish("", payload, qos, retain, dup, packet_id, extra, version)
             elif len(aliases) < self.client_alias_max:
                 # a new alias counts only once the packet that announces it is sent
                 alias = len(aliases) + 1
-                extra[Prop.TOPIC_ALIAS] = alias
+                extra = splice_properties(props, topic_alias_entry(alias))  # type: ignore[arg-type]
                 data = encode_publish(topic, payload, qos, retain, dup, packet_id, extra, version)
                 if len(data) <= self.client_max_packet:
                     aliases[topic] = alias
@@ -349,7 +372,7 @@ class MQTTConnection:
         return True
 
     def _routed_publish(self, topic: str, payload: bytes, qos: int, retain: bool, packet_id: int,
-                        props: Properties | None, dup: bool,
+                        props: Properties | bytes | None, dup: bool,
                         shared: dict[tuple[int, int, bool, bool], tuple[bytes, bytes | None]] | None,
                         ) -> bool:
         """send_publish into the output ``topic_out`` picks for the topic."""

@@ -206,7 +206,7 @@ class Publish(Packet):
     the connection resolves it before the shard sees the packet.
     """
 
-    __slots__ = ("topic", "payload", "qos", "retain", "dup", "packet_id", "props")
+    __slots__ = ("topic", "payload", "qos", "retain", "dup", "packet_id", "props", "wire")
     type = PUBLISH
 
     def __init__(self, topic: str, payload: bytes = b"", qos: int = 0, retain: bool = False,
@@ -218,6 +218,19 @@ class Publish(Packet):
         self.dup = dup
         self.packet_id = packet_id
         self.props: Properties = props if props is not None else {}
+        # The property block exactly as received (length + properties), set by the
+        # decoder when there were properties: the broker forwards it as it is instead
+        # of encoding ``props`` again. Not part of the packet's value (``_fields``).
+        self.wire: bytes | None = None
+
+    def _fields(self) -> tuple[Any, ...]:
+        return (self.topic, self.payload, self.qos, self.retain, self.dup, self.packet_id,
+                self.props)
+
+    def __repr__(self) -> str:
+        return (f"Publish(topic={self.topic!r}, payload={self.payload!r}, qos={self.qos}, "
+                f"retain={self.retain}, dup={self.dup}, packet_id={self.packet_id}, "
+                f"props={self.props!r})")
 
 
 class _Ack(Packet):
