@@ -45,3 +45,35 @@ def test_tcp_takes_passwords_ws_takes_tokens(make_broker: Any, tmp_path: Path, u
         with WSRaw(ws) as c:  # ws inherits mqtt.allow_anonymous = true
             assert code(c, v, client_id=f"{uid}f{v}") == 0
 
+
+
+def test_quic_listener_has_its_own_chain(make_broker: Any, tmp_path: Path, uid: str) -> None:
+    """The QUIC listener authenticates like any other: its own chain and anonymous rule."""
+    import asyncio
+
+    from tests.integration.quicraw import RawQuic
+
+    a = Auth(tmp_path)
+    a.add_user("alice", "wonderland")
+    cfg = a.config(anonymous=True)
+    cfg["auth"].update(backends="builtin,jwt", jwt_secret=SECRET)
+    cfg["listeners"] = {"quic": {"auth": "jwt", "anonymous": "deny"}}
+    b = make_broker(cfg)
+
+    async def connack(**connect: Any) -> int:
+        q = await RawQuic.open(HOST, b.ports["quic"])
+        try:
+            control = await q.stream()
+            control.send(raw.connect(version=5, **connect))
+            return raw.parse_connack(await control.expect(raw.CONNACK), 5).code
+        finally:
+            await q.aclose()
+
+    async def main() -> None:
+        assert await connack(client_id=f"{uid}q1", username="dev", password=hs(claims())) == 0
+        assert await connack(client_id=f"{uid}q2", username="alice",
+                             password=b"wonderland") == 0x86  # a password is no token here
+        assert await connack(client_id=f"{uid}q3") == 0x87  # anonymous denied on QUIC only
+    asyncio.run(main())
+    with raw.RawClient(HOST, b.ports["tcp"]) as c:  # tcp keeps the global chain
+        assert code(c, 5, client_id=f"{uid}t", username="alice", password=b"wonderland") == 0
