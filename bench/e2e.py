@@ -9,6 +9,7 @@ batched writes, bulk parsing):
 1. fan-in 10->1, QoS 0, 64-byte payload, flat out (at most ``--backlog`` messages sent but
    not yet delivered, split over the publishers, so queues and drain times stay bounded);
 2. 1:1 x50 pairs, QoS 0, each pair its own topic, flat out;
+2b. fan-out 1->100, QoS 0, flat out (msg/s counts deliveries);
 3. fan-in 10->1, QoS 1, at most ``--window`` unacknowledged messages per publisher;
 0. first, on the fresh broker: a connection storm of 10k idle clients (connect rate, broker
    CPU and RSS per connection, summed over every broker process);
@@ -53,7 +54,7 @@ import time
 
 from bench import loadgen
 from bench.brokers import REPO, Amqtt, Broker, Mosquitto, make
-from bench.loadgen import Plan, Run, fan_in, pairs, summarize
+from bench.loadgen import Plan, Run, fan_in, fan_out, pairs, summarize
 
 RESULTS = os.path.join(REPO, "bench", "results")
 STALL_MS = 100  # a subscriber silent this long during a flat-out window is worth a flag
@@ -216,6 +217,10 @@ def scenarios(args) -> list[Plan]:
         fan_in(10, name="fan-in 10->1 QoS 0", qos=0, payload=64,
                backlog=backlog_per_publisher(args, 10)),
         pairs(50, name="1:1 x50 QoS 0", qos=0, payload=64, backlog=backlog_per_publisher(args, 50)),
+        # msg/s here counts deliveries; the cap is messages, so a tenth of the others' budget
+        # keeps the deliveries in flight (x100) in the same range
+        fan_out(100, name="fan-out 1->100 QoS 0", qos=0, payload=64,
+                backlog=max(256, args.backlog // 10)),
         fan_in(10, name=f"fan-in 10->1 QoS 1 (window {args.window})", qos=1, payload=64,
                window=args.window),
     ] + ([] if args.quick else [

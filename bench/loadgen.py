@@ -570,12 +570,17 @@ def fan_in(n: int = 10, name: str | None = None, **kw) -> Plan:
     return Plan(name or f"fan-in {n}->1", ["bench/fanin"] * n, ["bench/fanin"], **kw)
 
 
+def fan_out(n: int = 100, name: str | None = None, **kw) -> Plan:
+    """One publisher, ``n`` subscribers to its topic: every message is ``n`` deliveries."""
+    return Plan(name or f"fan-out 1->{n}", ["bench/fanout"], ["bench/fanout"] * n, **kw)
+
+
 def pairs(n: int = 50, name: str | None = None, **kw) -> Plan:
     topics = [f"bench/pair/{i}" for i in range(n)]
     return Plan(name or f"1:1 x{n}", topics, list(topics), **kw)
 
 
-SCENARIOS = {"fanin": fan_in, "pairs": pairs}
+SCENARIOS = {"fanin": fan_in, "pairs": pairs, "fanout": fan_out}
 
 
 def cpu_seconds() -> float:
