@@ -318,3 +318,22 @@ def test_stop_sending_after_disconnect_is_harmless(broker: Broker, uid: str) -> 
         await q.aclose()
     run(main)
     # the module's broker fixture fails the module if this logged an unhandled error
+
+
+def test_a_long_lived_client_may_open_more_streams_than_the_initial_limit(
+        broker: Broker, uid: str) -> None:
+    """The initial grant is 128 client streams; ended data streams give their slot back
+    (aioquic does so as it discards a finished stream), so a multi-stream client that opens
+    one per request goes on past 128."""
+    async def main() -> None:
+        q, control = await connected(broker, uid)
+        for i in range(150):
+            data = await q.stream()
+            data.send(rc.subscribe(i % 60000 + 1, [(f"{uid}/s/{i}", 0)], version=V5))
+            await data.expect(rc.SUBACK)
+            data.end()
+            assert await data.read() is None
+        control.send(rc.packet(0xC0, b""))
+        await control.expect(rc.PINGRESP)
+        await q.aclose()
+    run(main, timeout=60.0)
