@@ -241,6 +241,9 @@ class Router:
             "listeners": [{"name": name, "host": host, "port": port}
                           for name, host, port, _ in self.listeners],
             "counters": True,  # the last descriptor is the connection counters' memfd
+            # flapping bans in force, so a restarted shard refuses those ids too
+            "flapping": (self.flapping.active_bans(self.loop.time())
+                         if self.flapping is not None else []),
         }
         fds = [socks[k].fileno() for _, _, _, socks in self.listeners] + [self.counters_fd]
         conn.setblocking(True)

@@ -67,6 +67,7 @@ class Welcome:
         self.tag: str = msg["tag"]
         self.listeners: list[dict[str, Any]] = msg["listeners"]
         self.counters_fd = fds.pop() if msg.get("counters") and fds else -1
+        self.flapping: list[tuple[str, float]] = [tuple(b) for b in msg.get("flapping", ())]
         self.sockets = [socket.socket(fileno=fd) for fd in fds]
         self.control = ctl
 

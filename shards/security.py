@@ -14,7 +14,8 @@ never runs on the loop:
 Banned state is per shard: the banned file is read by every shard, so a ban
 written with ``shoal ban add`` reaches all of them. Flapping is counted host-wide
 under a router (every shard reports its disconnects; the router bans and tells every
-shard, see ``Flapping.ban``) and by the shard itself in a one-process broker.
+shard, see ``Flapping.ban``, and a restarted shard gets the bans in force with its
+welcome) and by the shard itself in a one-process broker.
 """
 
 from __future__ import annotations
@@ -525,6 +526,10 @@ class Flapping:
             return True
         _bounded_set(counts, client_id, (first, n), self.max_tracked)
         return False
+
+    def active_bans(self, now: float) -> list[tuple[str, float]]:
+        """(client id, seconds left) of every ban in force: what a restarted shard is told."""
+        return [(cid, until - now) for cid, until in self._bans.items() if until > now]
 
     def ban(self, client_id: str, until: float) -> None:
         """A ban decided elsewhere (the router counts disconnects host-wide)."""

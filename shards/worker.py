@@ -577,6 +577,10 @@ async def serve_sharded(cfg: Config, index: int, welcome: Welcome, run_dir: str)
     worker = Worker(cfg, loop, index, host)
     host.on_pending = worker.schedule_flush
     host.on_input_paused = worker.set_input_paused
+    flapping = worker.security.flapping
+    if flapping is not None:
+        for client_id, left in welcome.flapping:  # bans the router holds from before our start
+            flapping.ban(client_id, loop.time() + left)
     shard = worker.shard
     # shard 0 publishes the host-wide $SYS numbers the router sums up
     shard.sys_stats = (lambda now: host.sys_stats or shard.stats(now)) if index == 0 else None

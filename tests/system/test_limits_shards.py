@@ -3,6 +3,8 @@ kernel hands a connection to (router/counters.py)."""
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -102,6 +104,17 @@ def test_flapping_is_counted_over_every_shard(tmp_path: Path) -> None:
             return True
         poll(refused_everywhere, 10, "the flapping ban to reach every shard")
         assert "banned on every shard" in sv.log("router.log")
+        # a shard restarted during the ban learns of it when it joins the router
+        pids = {k: p for p, k in sv.shard_pids().items()}
+        for k in range(SHARDS):
+            os.kill(pids[k], signal.SIGKILL)
+        poll(lambda: len(sv.shard_pids()) == SHARDS
+             and not set(sv.shard_pids()) & set(pids.values()), 30, "every shard restarted")
+        poll(lambda: sv.log("router.log").count("joined") >= 2 * SHARDS, 30,
+             "the restarted shards to rejoin")
+        # at once, not after retries: an accepted attempt would count as a new disconnect
+        # and the router would ban the id again, hiding a shard that forgot the ban
+        assert refused_everywhere()
         assert sv.shutdown() == 0
     finally:
         sv.kill_all()
