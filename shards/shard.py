@@ -909,11 +909,14 @@ class Shard:
                     retained.append(sub)
         props = {Prop.REASON_STRING: "; ".join(problems)} if problems and session.version == MQTT_5 else None
         suback = Suback(p.packet_id, codes, props)
+        # the SUBACK goes where the SUBSCRIBE came from (a QUIC data stream), even when the
+        # host-wide index makes it wait
+        here = link.conn.here()
 
         def applied(later: float) -> None:
             if session.link is not link:
                 return  # the connection went away while the index was updated
-            link.conn.send(suback)
+            link.conn.send_on(here, suback)
             # retained messages follow the SUBACK, with the retain flag set [MQTT-3.3.1-9]
             for sub in retained:
                 ids = (sub.sub_id,) if sub.sub_id else ()

@@ -287,6 +287,20 @@ class MQTTConnection:
             pending.discard(packet_id)
         self._out.append(_PUBACK_HEADS[packet_id >> 8] + _ONE_BYTE[packet_id & 0xFF])
 
+    def here(self) -> list[bytes]:
+        """The output current now, for an answer decided later (see :meth:`send_on`): a
+        QUIC data stream's while one of its packets is handled, else the one output."""
+        return self._out
+
+    def send_on(self, out: list[bytes], packet: Packet) -> None:
+        """:meth:`send` into an output taken with :meth:`here` earlier."""
+        current = self._out
+        self._out = out
+        try:
+            self.send(packet)
+        finally:
+            self._out = current
+
     def send_ack(self, packet: Packet) -> None:
         """An ack decided now: behind any that wait, or straight out."""
         if self._acks:

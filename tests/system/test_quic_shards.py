@@ -298,3 +298,28 @@ def test_retry_tokens_come_back_to_the_shard_that_made_them(tmp_path: Path) -> N
         run(main)
     finally:
         _finish(h)
+
+
+def test_data_stream_answers_wait_for_the_index_and_stay_on_their_stream(tmp_path: Path) -> None:
+    """Under a router a SUBACK waits for the host-wide index; it must still go out on the
+    data stream that carried the SUBSCRIBE, and deliveries for it follow there."""
+    h = _start(tmp_path, "bpf")
+    tag = f"d{os.getpid()}"
+    try:
+        async def main() -> None:
+            q = await RawQuic.open(HOST, h.quic)
+            control = await q.stream()
+            control.send(rc.connect(f"{tag}s", version=V5))
+            await control.expect(rc.CONNACK)
+            data = await q.stream()
+            data.send(rc.subscribe(7, [(f"{tag}/new/#", 1)], version=V5))
+            suback = await data.expect(rc.SUBACK)
+            assert suback.body[:2] == b"\x00\x07"
+            with tcp_publisher(h, f"{tag}p") as pub:
+                publish_batch(pub, f"{tag}/new/x", 0, BATCH, 1)
+            assert await receive_batch(data, 0, BATCH, 10.0) == list(range(BATCH))
+            await control.silent()
+            await q.aclose()
+        run(main)
+    finally:
+        _finish(h)
