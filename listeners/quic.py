@@ -42,7 +42,7 @@ from typing import Any
 from aioquic.buffer import Buffer
 from aioquic.quic import events
 from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
-from aioquic.quic.connection import NetworkAddress, QuicConnection, QuicConnectionState
+from aioquic.quic.connection import NetworkAddress, QuicConnection
 from aioquic.quic.packet import (
     QuicPacketType, encode_quic_retry, encode_quic_version_negotiation, pull_quic_header,
 )
@@ -536,15 +536,9 @@ class ServerConnection:
             except OSError:
                 pass  # a full socket buffer or an unreachable peer: QUIC retransmits
             sent += 1
+        # (a connection's end is an event: every call that can end it, receive_datagram
+        # and handle_timer, is followed by handle_events, which sees ConnectionTerminated)
         quic = self.quic
-        if quic._state in _DONE_STATES and not self.closed:
-            # closed without a ConnectionTerminated still queued (drained)
-            quic_event = quic.next_event()
-            while quic_event is not None:
-                if type(quic_event) is events.ConnectionTerminated:
-                    self._terminated()
-                    return sent
-                quic_event = quic.next_event()
         timer_at = quic.get_timer()
         if self._timer is not None and self._timer_at != timer_at:
             self._timer.cancel()
@@ -553,9 +547,6 @@ class ServerConnection:
             self._timer = self.endpoint.loop.call_at(timer_at, self.on_timer)
         self._timer_at = timer_at
         return sent
-
-
-_DONE_STATES = (QuicConnectionState.TERMINATED,)
 
 
 class Endpoint(asyncio.DatagramProtocol):

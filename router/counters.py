@@ -55,6 +55,12 @@ class HostCounters:
     def add(self, shard: int, column: int, delta: int) -> None:
         self.cells[shard * self.width + column] += delta
 
+    def count(self, shard: int, listener: str, delta: int) -> None:
+        """A connection on ``listener`` opened (+1) or closed (-1): its column and the total."""
+        cells, base = self.cells, shard * self.width
+        cells[base] += delta
+        cells[base + COLUMN[listener]] += delta
+
     def total(self, column: int) -> int:
         cells, width = self.cells, self.width
         n = 0

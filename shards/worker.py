@@ -33,7 +33,7 @@ from listeners.websocket import WebSocketLayer
 from shards.config import Config
 from shards.process import boot, run, run_dir_for
 from shards.host import Host, LocalHost
-from shards.listening import bind_listeners, tls_context
+from shards.listening import BINDERS, bind_listeners, tls_context
 from shards.protocol.connection import CLOSED, MQTTConnection
 from shards.protocol.errors import ProtocolError, Reason
 from shards.protocol.packets import PUBLISH
@@ -284,7 +284,7 @@ class Worker:
         self.listener_max: dict[str, int] = {}
         self.listener_connections: dict[str, int] = {}
         self.listener_rate: dict[str, TokenBucket] = {}
-        for name in ("tcp", "tls", "ws", "wss", "quic"):
+        for name in BINDERS:
             table = getattr(cfg.listeners, name)
             self.listener_max[name] = share(table.max_connections, split)
             self.listener_connections[name] = 0
@@ -316,9 +316,7 @@ class Worker:
             self.connections += 1
             self.listener_connections[listener] += 1
             if counts is not None:
-                k = self.shard.index
-                counts.add(k, 0, 1)
-                counts.add(k, COLUMN[listener], 1)
+                counts.count(self.shard.index, listener, 1)
             return True
         self.shard.counters.connections_refused += 1
         held = self._refusal_log.allow(self.loop.time())
@@ -332,9 +330,7 @@ class Worker:
         self.listener_connections[listener] -= 1
         counts = self.host_counts
         if counts is not None:
-            k = self.shard.index
-            counts.add(k, 0, -1)
-            counts.add(k, COLUMN[listener], -1)
+            counts.count(self.shard.index, listener, -1)
 
     def note_throttled(self, link: ClientProtocol) -> None:
         self.shard.counters.clients_throttled += 1

@@ -21,6 +21,16 @@ def test_rows_add_up_per_column_and_reset_per_shard() -> None:
     assert t.total(0) == 0
 
 
+def test_count_moves_the_listener_column_and_the_total_together() -> None:
+    t = HostCounters(bytearray(size_for(2)), 2)
+    t.count(0, "quic", 1)
+    t.count(1, "quic", 1)
+    t.count(1, "tls", 1)
+    assert t.total(COLUMN["quic"]) == 2 and t.total(COLUMN["tls"]) == 1 and t.total(0) == 3
+    t.count(1, "quic", -1)
+    assert t.total(COLUMN["quic"]) == 1 and t.total(0) == 2
+
+
 def test_a_memfd_table_is_shared_between_mappings() -> None:
     router, fd = HostCounters.create(2)
     shard = HostCounters.attach(os.dup(fd), 2)
